@@ -1,0 +1,417 @@
+//! Local services for outbox-relay's tests, demo and benchmark: a private PostgreSQL
+//! cluster (`wal_level=logical`) and a tansu Kafka-compatible broker, each on a free
+//! loopback port, each stopped when its value is dropped or the process exits.
+//!
+//! Nothing here depends on a system service. Binaries are found as follows:
+//! PostgreSQL from `PG_BINDIR`, else the newest `/usr/lib/postgresql/*/bin`; tansu from
+//! `TANSU_BIN`, else `.tools/bin/tansu` in the workspace, else `tansu` on `PATH`.
+//! `scripts/install-deps` installs both.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, Once};
+use std::time::{Duration, Instant};
+
+/// A free TCP port on 127.0.0.1, as the kernel hands it out.
+pub fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until `condition` holds, checking every 20 ms, or fails after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        if Instant::now() > deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("timed out after {timeout:?} waiting for {what}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
+}
+
+// ---------------------------------------------------------------------------
+// Cleanup at exit: processes and directories that shared (static) services own.
+
+static CLEANUP: Mutex<Vec<Cleanup>> = Mutex::new(Vec::new());
+static REGISTER_AT_EXIT: Once = Once::new();
+
+enum Cleanup {
+    Process { pid: u32, signal: i32 },
+    Directory(PathBuf),
+}
+
+extern "C" fn clean_up_at_exit() {
+    let Ok(mut items) = CLEANUP.lock() else { return };
+    for item in items.iter() {
+        if let Cleanup::Process { pid, signal } = item {
+            kill(*pid, *signal);
+        }
+    }
+    for item in items.iter() {
+        if let Cleanup::Process { pid, .. } = item {
+            reap(*pid, Duration::from_secs(5));
+        }
+    }
+    for item in items.drain(..) {
+        if let Cleanup::Directory(path) = item {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+}
+
+fn register(item: Cleanup) {
+    REGISTER_AT_EXIT.call_once(|| unsafe {
+        libc::atexit(clean_up_at_exit);
+    });
+    if let Ok(mut items) = CLEANUP.lock() {
+        items.push(item);
+    }
+}
+
+fn unregister_pid(pid: u32) {
+    if let Ok(mut items) = CLEANUP.lock() {
+        items.retain(|item| !matches!(item, Cleanup::Process { pid: p, .. } if *p == pid));
+    }
+}
+
+fn unregister_dir(path: &Path) {
+    if let Ok(mut items) = CLEANUP.lock() {
+        items.retain(|item| !matches!(item, Cleanup::Directory(p) if p == path));
+    }
+}
+
+/// Sends `signal` to `pid`.
+pub fn kill(pid: u32, signal: i32) {
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+/// Waits (bounded) for a child process to exit, collecting its status.
+fn reap(pid: u32, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut status = 0;
+        let done = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+        if done != 0 || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn scratch_dir(kind: &str) -> io::Result<PathBuf> {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("outbox-relay-{kind}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL
+
+/// A private PostgreSQL cluster. Superuser `postgres`, password authentication over TCP.
+pub struct Postgres {
+    pub port: u16,
+    pub password: String,
+    dir: PathBuf,
+    bindir: PathBuf,
+    owner: Option<(u32, u32)>,
+    child: Option<Child>,
+}
+
+impl Postgres {
+    /// Runs initdb in a fresh directory and starts the server on a free port.
+    pub fn start() -> io::Result<Postgres> {
+        Self::start_with(&[])
+    }
+
+    /// As [`start`](Self::start), with extra `name=value` server settings.
+    pub fn start_with(settings: &[&str]) -> io::Result<Postgres> {
+        let bindir = pg_bindir()?;
+        let dir = scratch_dir("pg")?;
+        let owner = postgres_owner()?;
+        let password = format!("pw{}", std::process::id());
+        let pwfile = dir.join("pwfile");
+        std::fs::write(&pwfile, &password)?;
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data)?;
+        if let Some((uid, gid)) = owner {
+            for path in [&dir, &data, &pwfile] {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+            }
+        }
+        let mut initdb = Command::new(bindir.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-E", "UTF8", "--no-sync", "--auth-local=trust", "--auth-host=scram-sha-256"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .stdout(Stdio::null());
+        as_owner(&mut initdb, owner);
+        let output = initdb.output()?;
+        if !output.status.success() {
+            return Err(io::Error::other(format!("initdb failed: {}", String::from_utf8_lossy(&output.stderr))));
+        }
+        let mut extra = String::new();
+        for setting in settings {
+            extra.push_str(setting);
+            extra.push('\n');
+        }
+        std::fs::write(data.join("postgresql.auto.conf"), extra)?;
+        register(Cleanup::Directory(dir.clone()));
+        let mut postgres = Postgres {
+            port: free_port()?,
+            password,
+            dir,
+            bindir,
+            owner,
+            child: None,
+        };
+        postgres.launch()?;
+        Ok(postgres)
+    }
+
+    fn launch(&mut self) -> io::Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("postgres.log"))?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(self.dir.join("postgres.log"), Some(uid), Some(gid))?;
+        }
+        let mut command = Command::new(self.bindir.join("postgres"));
+        command
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", self.dir.display()))
+            .args([
+                "-c", "listen_addresses=127.0.0.1",
+                "-c", "wal_level=logical",
+                "-c", "max_replication_slots=200",
+                "-c", "max_wal_senders=200",
+                "-c", "max_connections=500",
+                "-c", "fsync=off",
+                "-c", "full_page_writes=off",
+                "-c", "shared_buffers=256MB",
+                "-c", "max_wal_size=4GB",
+                "-c", "log_min_messages=warning",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        as_owner(&mut command, self.owner);
+        let child = command.spawn()?;
+        register(Cleanup::Process { pid: child.id(), signal: libc::SIGQUIT });
+        self.child = Some(child);
+        let port = self.port;
+        let isready = self.bindir.join("pg_isready");
+        wait_until(Duration::from_secs(60), "PostgreSQL to accept connections", || {
+            Command::new(&isready)
+                .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map_err(|e| io::Error::other(format!("{e}; log: {}", self.log_tail())))
+    }
+
+    /// A connection URL for `database` as the superuser.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres:{}@127.0.0.1:{}/{database}", self.password, self.port)
+    }
+
+    /// The postmaster's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Fast shutdown (like `pg_ctl stop -m fast`), waiting for the server to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(child.id(), libc::SIGINT);
+            let _ = child.wait();
+            unregister_pid(child.id());
+        }
+    }
+
+    /// Stops and starts the server on the same port and data (`pg_ctl restart -m fast`).
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.stop();
+        self.launch()
+    }
+
+    /// The last lines of the server log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().rev().take(20).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            kill(child.id(), libc::SIGQUIT);
+            reap(child.id(), Duration::from_secs(5));
+            unregister_pid(child.id());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        unregister_dir(&self.dir);
+    }
+}
+
+/// Where PostgreSQL's server programs are.
+pub fn pg_bindir() -> io::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("PG_BINDIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("postgres").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, "no PostgreSQL server found: run scripts/install-deps or set PG_BINDIR")
+    })
+}
+
+/// PostgreSQL refuses to run as root: when we are root, run it as the `postgres` user.
+fn postgres_owner() -> io::Result<Option<(u32, u32)>> {
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let name = c"postgres";
+    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
+    if entry.is_null() {
+        return Err(io::Error::new(io::ErrorKind::NotFound, "running as root but there is no 'postgres' user to run PostgreSQL as"));
+    }
+    let (uid, gid) = unsafe { ((*entry).pw_uid, (*entry).pw_gid) };
+    Ok(Some((uid, gid)))
+}
+
+fn as_owner(command: &mut Command, owner: Option<(u32, u32)>) {
+    use std::os::unix::process::CommandExt;
+    if let Some((uid, gid)) = owner {
+        command.uid(uid).gid(gid);
+        command.env("HOME", "/tmp");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// tansu
+
+/// A tansu broker with in-memory storage.
+pub struct Broker {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Broker {
+    pub fn start() -> io::Result<Broker> {
+        Self::start_on(free_port()?)
+    }
+
+    /// Starts on a given port (for example one a relay was already told about).
+    pub fn start_on(port: u16) -> io::Result<Broker> {
+        let dir = scratch_dir("tansu")?;
+        register(Cleanup::Directory(dir.clone()));
+        let mut broker = Broker { port, dir, child: None };
+        broker.launch()?;
+        Ok(broker)
+    }
+
+    fn launch(&mut self) -> io::Result<()> {
+        let binary = tansu_binary()?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("tansu.log"))?;
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(&binary)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start {}: {e}", binary.display())))?;
+        register(Cleanup::Process { pid: child.id(), signal: libc::SIGKILL });
+        self.child = Some(child);
+        let port = self.port;
+        wait_until(Duration::from_secs(30), "tansu to listen", || port_open(port))
+    }
+
+    pub fn bootstrap_servers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Freezes the broker (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        if let Some(pid) = self.pid() {
+            kill(pid, libc::SIGSTOP);
+        }
+    }
+
+    /// Thaws a paused broker (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(pid) = self.pid() {
+            kill(pid, libc::SIGCONT);
+        }
+    }
+
+    /// Kills the broker; its in-memory data is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            unregister_pid(child.id());
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.resume();
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        unregister_dir(&self.dir);
+    }
+}
+
+/// Where the tansu binary is.
+pub fn tansu_binary() -> io::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("TANSU_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let local = workspace.join(".tools/bin/tansu");
+    if local.exists() {
+        return Ok(local);
+    }
+    let on_path = std::env::var_os("PATH").into_iter().flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    for dir in on_path {
+        if dir.join("tansu").exists() {
+            return Ok(dir.join("tansu"));
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::NotFound, "no tansu binary: run scripts/install-deps or set TANSU_BIN"))
+}

@@ -1,0 +1,149 @@
+//! Every setting: its flag, its environment variable and its default, in one place.
+//!
+//! `--help` is generated from these declarations, and README's settings table and
+//! docker-compose.yml use exactly these names.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outbox-relay",
+    version,
+    about = "Publishes transactional-outbox rows from a PostgreSQL logical replication slot to Kafka, \
+             confirming the slot's position only after the broker has acknowledged every event before it."
+)]
+pub struct Cli {
+    /// Log line format.
+    #[arg(long, env = "OUTBOX_RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the logical replication slot (and, with --apply-sql, the outbox table and
+    /// publication). Safe to run again: it reports what exists and creates what is missing.
+    Setup(SetupArgs),
+    /// Stream outbox events to Kafka until SIGINT or SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PostgresArgs {
+    /// PostgreSQL connection URL (or key=value string) of the database with the outbox table.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+
+    /// Logical replication slot the relay streams from.
+    #[arg(long, env = "OUTBOX_RELAY_SLOT", default_value = "outbox_relay", value_parser = parse_identifier)]
+    pub slot: String,
+
+    /// Publication that selects the outbox table's inserts.
+    #[arg(long, env = "OUTBOX_RELAY_PUBLICATION", default_value = "outbox_pub", value_parser = parse_identifier)]
+    pub publication: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
+    pub bootstrap_servers: String,
+
+    /// Extra librdkafka property KEY=VALUE (TLS, SASL, compression, ...). Repeatable; in
+    /// the environment variable, separate properties with ';'.
+    #[arg(long = "kafka-property", env = "OUTBOX_RELAY_KAFKA_PROPERTIES", value_delimiter = ';', value_parser = parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
+
+    /// Topic for each event; {aggregate_type} and {event_type} are replaced by the row's values.
+    #[arg(long, env = "OUTBOX_RELAY_TOPIC_TEMPLATE", default_value = "outbox.event.{aggregate_type}")]
+    pub topic_template: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub postgres: PostgresArgs,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Most events handed to Kafka and not yet acknowledged; reading pauses at this bound.
+    #[arg(long, env = "OUTBOX_RELAY_MAX_IN_FLIGHT", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+
+    /// On SIGINT/SIGTERM, how long to wait for acknowledgements of events in flight.
+    #[arg(long, env = "OUTBOX_RELAY_SHUTDOWN_TIMEOUT", default_value = "8s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Longest wait between attempts to reconnect to PostgreSQL.
+    #[arg(long, env = "OUTBOX_RELAY_RECONNECT_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub reconnect_backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SetupArgs {
+    #[command(flatten)]
+    pub postgres: PostgresArgs,
+
+    /// Also apply the shipped SQL: the outbox table and the publication (idempotent).
+    #[arg(long, env = "OUTBOX_RELAY_APPLY_SQL")]
+    pub apply_sql: bool,
+}
+
+/// Slot and publication names go into replication commands verbatim, so only
+/// PostgreSQL's plain identifier characters are accepted (the slot-name rule).
+fn parse_identifier(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text.len() <= 63
+        && text
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(text.to_owned())
+    } else {
+        Err("use 1 to 63 characters of a-z, 0-9 and _".into())
+    }
+}
+
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_owned(), value.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn identifiers_are_plain() {
+        assert!(parse_identifier("outbox_relay_2").is_ok());
+        for bad in ["", "Outbox", "a-b", "a b", "x'; DROP", &"a".repeat(64)] {
+            assert!(parse_identifier(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn properties_are_key_value() {
+        assert_eq!(parse_property("linger.ms=5"), Ok(("linger.ms".into(), "5".into())));
+        assert_eq!(parse_property("sasl.jaas.config=a=b"), Ok(("sasl.jaas.config".into(), "a=b".into())));
+        assert!(parse_property("novalue").is_err());
+    }
+}

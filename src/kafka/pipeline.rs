@@ -1,0 +1,116 @@
+//! Records in flight: handed to librdkafka, not yet acknowledged.
+//!
+//! Many records are in flight at once (a pipeline, not one at a time); acknowledgements
+//! come back in any order across partitions, each carrying the caller's tag so that
+//! `progress` can match it to its transaction. The caller bounds the window with
+//! [`Pipeline::len`]; librdkafka's own queue is bounded in bytes by the producer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::DeliveryFuture;
+
+use super::errors::{classify, ErrorClass};
+use super::producer::Producer;
+use crate::outbox::OutboxEvent;
+
+/// A record could not even be handed to librdkafka.
+#[derive(Debug)]
+pub enum SubmitError {
+    /// librdkafka's queue is full: wait for an acknowledgement, then submit again.
+    QueueFull,
+    /// Any other refusal, with its class.
+    Refused { class: ErrorClass, error: KafkaError },
+}
+
+/// The outcome of one record.
+#[derive(Debug)]
+pub struct Acked<T> {
+    pub tag: T,
+    /// Partition and offset, or the error and its class.
+    pub result: Result<(i32, i64), (ErrorClass, KafkaError)>,
+}
+
+pub struct Pipeline<T> {
+    producer: Producer,
+    in_flight: FuturesUnordered<Tagged<T>>,
+}
+
+impl<T: Unpin> Pipeline<T> {
+    pub fn new(producer: Producer) -> Self {
+        Pipeline {
+            producer,
+            in_flight: FuturesUnordered::new(),
+        }
+    }
+
+    pub fn producer(&self) -> &Producer {
+        &self.producer
+    }
+
+    /// Records handed to librdkafka and not yet reported back.
+    pub fn len(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.in_flight.is_empty()
+    }
+
+    pub fn submit(&mut self, event: &OutboxEvent, tag: T) -> Result<(), SubmitError> {
+        match self.producer.send(event) {
+            Ok(delivery) => {
+                self.in_flight.push(Tagged {
+                    tag: Some(tag),
+                    delivery,
+                });
+                Ok(())
+            }
+            Err(KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)) => {
+                Err(SubmitError::QueueFull)
+            }
+            Err(error) => Err(SubmitError::Refused {
+                class: classify(&error),
+                error,
+            }),
+        }
+    }
+
+    /// The next acknowledgement, in completion order; `None` when nothing is in flight.
+    /// Cancel-safe: a dropped call loses no acknowledgement.
+    pub async fn next_ack(&mut self) -> Option<Acked<T>> {
+        self.in_flight.next().await
+    }
+}
+
+/// A delivery future that remembers whose record it is.
+struct Tagged<T> {
+    tag: Option<T>,
+    delivery: DeliveryFuture,
+}
+
+impl<T: Unpin> Future for Tagged<T> {
+    type Output = Acked<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let outcome = match Pin::new(&mut this.delivery).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(outcome) => outcome,
+        };
+        let result = match outcome {
+            Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
+            Ok(Err((error, _message))) => Err((classify(&error), error)),
+            // The producer went away with the record: it may not be written.
+            Err(_canceled) => Err((ErrorClass::Transient, KafkaError::Canceled)),
+        };
+        match this.tag.take() {
+            Some(tag) => Poll::Ready(Acked { tag, result }),
+            // Polled again after completion: FuturesUnordered never does this.
+            None => Poll::Pending,
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The Kafka producer: librdkafka with the settings our guarantees rely on.
+//!
+//! - `enable.idempotence=true` and `acks=all`: an acknowledged record is on every
+//!   in-sync replica, and retries neither duplicate nor reorder records in a partition.
+//! - `message.timeout.ms=0` (no timeout): librdkafka retries a record through any broker
+//!   outage, with its capped backoff, instead of failing it after five minutes. A
+//!   delivery report therefore only ever carries a poison or fatal error by default.
+//! - `partitioner=murmur2_random`: the same key-to-partition mapping as Kafka's Java
+//!   client, so consumers and Kafka Streams apps co-partition as they expect.
+//!
+//! Users may set any other librdkafka property; the ones above cannot be weakened.
+
+use bytes::Bytes;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+
+use crate::outbox::OutboxEvent;
+
+/// What the user said about Kafka.
+#[derive(Debug, Clone)]
+pub struct ProducerSettings {
+    pub bootstrap_servers: String,
+    /// Passed to librdkafka as they are (TLS, SASL, compression, linger, ...).
+    pub properties: Vec<(String, String)>,
+}
+
+/// A property the relay's guarantees depend on was set to a weaker value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProducerConfigError {
+    #[error("Kafka property {key}={value} is not allowed: outbox-relay needs {key}={required} for its delivery guarantees")]
+    Weakened { key: String, value: String, required: String },
+    #[error("cannot create the Kafka producer: {0}")]
+    Client(String),
+}
+
+/// Properties that must keep these values (aliases included).
+const REQUIRED: [(&str, &str); 4] = [
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("request.required.acks", "all"),
+    ("max.in.flight.requests.per.connection", "5"),
+];
+
+/// Defaults chosen for the relay, which users may override.
+const DEFAULTS: [(&str, &str); 4] = [
+    ("message.timeout.ms", "0"),
+    ("partitioner", "murmur2_random"),
+    // Bounds the producer's own buffer; a full buffer pauses reading from PostgreSQL.
+    ("queue.buffering.max.kbytes", "65536"),
+    ("client.id", "outbox-relay"),
+];
+
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer,
+}
+
+impl Producer {
+    pub fn new(settings: &ProducerSettings) -> Result<Self, ProducerConfigError> {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &settings.bootstrap_servers);
+        for (key, value) in DEFAULTS {
+            config.set(key, value);
+        }
+        for (key, value) in &settings.properties {
+            if let Some((_, required)) = REQUIRED.iter().find(|(name, _)| name == key) {
+                let equivalent = *required == "all" && (value == "-1" || value == "all");
+                let lower_in_flight = *key == "max.in.flight.requests.per.connection"
+                    && value.parse::<u32>().is_ok_and(|n| (1..=5).contains(&n));
+                if value != required && !equivalent && !lower_in_flight {
+                    return Err(ProducerConfigError::Weakened {
+                        key: key.clone(),
+                        value: value.clone(),
+                        required: (*required).to_owned(),
+                    });
+                }
+            }
+            config.set(key, value);
+        }
+        config.set("enable.idempotence", "true");
+        config.set("acks", "all");
+        let inner = config
+            .create()
+            .map_err(|e: KafkaError| ProducerConfigError::Client(e.to_string()))?;
+        Ok(Producer { inner })
+    }
+
+    /// Hands one record to librdkafka. Returns at once; the future resolves when the
+    /// broker acknowledged the record or it failed for good.
+    pub fn send(&self, event: &OutboxEvent) -> Result<DeliveryFuture, KafkaError> {
+        self.send_parts(&event.topic, &event.key, &event.payload, &event.headers)
+    }
+
+    pub fn send_parts(
+        &self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        headers: &[(String, Option<Bytes>)],
+    ) -> Result<DeliveryFuture, KafkaError> {
+        let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len());
+        for (name, value) in headers {
+            kafka_headers = kafka_headers.insert(Header {
+                key: name,
+                value: value.as_deref(),
+            });
+        }
+        let record = FutureRecord::to(topic)
+            .key(key)
+            .payload(payload)
+            .headers(kafka_headers);
+        self.inner.send_result(record).map_err(|(error, _record)| error)
+    }
+
+    /// Waits (bounded) for librdkafka to deliver what it holds.
+    pub fn flush(&self, timeout: std::time::Duration) -> Result<(), KafkaError> {
+        self.inner.flush(timeout)
+    }
+}

@@ -1,0 +1,27 @@
+//! outbox-relay: publishes transactional-outbox rows from a PostgreSQL logical
+//! replication slot to Kafka, and confirms the slot's position only after the broker has
+//! acknowledged every event before it.
+//!
+//! The path of an event, module by module:
+//!
+//! - [`postgres::stream`]: the walsender stream of the slot (replication protocol).
+//! - [`postgres::pgoutput`]: decodes each `pgoutput` message.
+//! - [`outbox`]: turns an inserted outbox row into a Kafka record.
+//! - [`kafka`]: the idempotent producer, its error classes, the pipeline of deliveries.
+//! - [`progress`]: the only place that decides which LSN to confirm; monotonic.
+//! - [`app`]: wires them into one loop, and reconnects when PostgreSQL goes away.
+//!
+//! Around them: [`config`] (every setting), [`setup`] (slot and SQL), [`postgres::slot`]
+//! (inspecting the slot), [`error`] (what ends a run), [`shutdown`] (the stop signal),
+//! [`lsn`] (WAL positions).
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod kafka;
+pub mod lsn;
+pub mod outbox;
+pub mod postgres;
+pub mod progress;
+pub mod setup;
+pub mod shutdown;

@@ -1,0 +1,410 @@
+//! Turns one outbox row into one Kafka record: topic, key, value and headers.
+//!
+//! Columns are found by name in the table's Relation message, never by position, so
+//! `ALTER TABLE outbox ADD COLUMN ...` or a reordered table keeps working. A row that
+//! cannot become a record (a required value is NULL, the topic name is illegal) is a
+//! [`MappingError`] naming the row's id and source position; it is never skipped here.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use crate::lsn::Lsn;
+use crate::postgres::pgoutput::{Insert, Relation, Value};
+
+/// Header carrying the outbox row's `id`.
+pub const HEADER_ID: &str = "id";
+/// Header carrying the outbox row's `event_type`.
+pub const HEADER_EVENT_TYPE: &str = "event_type";
+/// Header carrying the outbox row's `aggregate_type`.
+pub const HEADER_AGGREGATE_TYPE: &str = "aggregate_type";
+/// Header carrying the commit LSN of the row's transaction, as `16/B374D848`.
+pub const HEADER_COMMIT_LSN: &str = "outbox.commit_lsn";
+/// Header carrying the row's index (from 0) among the events of its transaction.
+pub const HEADER_TX_INDEX: &str = "outbox.tx_index";
+
+/// Where an event sits in the source: its transaction's commit LSN and its index there.
+/// Unique per event and ordered like the commit order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourcePosition {
+    pub commit_lsn: Lsn,
+    pub index: u32,
+}
+
+/// A record ready for Kafka. Key and value share the replication buffer (no copy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEvent {
+    pub id: String,
+    pub topic: String,
+    pub key: Bytes,
+    pub payload: Bytes,
+    pub headers: Vec<(String, Option<Bytes>)>,
+    pub position: SourcePosition,
+}
+
+/// A row that cannot be published as a record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("outbox row id={} at commit LSN {} (index {}) cannot be published: {reason}", .id.as_deref().unwrap_or("<unknown>"), .position.commit_lsn, .position.index)]
+pub struct MappingError {
+    pub id: Option<String>,
+    pub position: SourcePosition,
+    pub reason: String,
+}
+
+/// A topic template such as `outbox.event.{aggregate_type}` that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid topic template {template:?}: {reason}")]
+pub struct TemplateError {
+    pub template: String,
+    pub reason: String,
+}
+
+/// The outbox column names. Fixed for now; a Debezium preset will supply other names.
+#[derive(Debug, Clone)]
+pub struct ColumnNames {
+    pub id: String,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub payload: String,
+    pub headers: String,
+}
+
+impl Default for ColumnNames {
+    fn default() -> Self {
+        ColumnNames {
+            id: "id".into(),
+            aggregate_type: "aggregate_type".into(),
+            aggregate_id: "aggregate_id".into(),
+            event_type: "event_type".into(),
+            payload: "payload".into(),
+            headers: "headers".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    AggregateType,
+    EventType,
+}
+
+/// `{aggregate_type}` and `{event_type}` are replaced by the row's values.
+#[derive(Debug, Clone)]
+pub struct TopicTemplate {
+    segments: Vec<Segment>,
+}
+
+impl TopicTemplate {
+    pub fn parse(template: &str) -> Result<Self, TemplateError> {
+        let error = |reason: String| TemplateError {
+            template: template.to_owned(),
+            reason,
+        };
+        let mut segments = Vec::new();
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                segments.push(Segment::Literal(rest[..open].to_owned()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| error("a '{' is never closed".into()))?;
+            let segment = match &rest[open + 1..open + close] {
+                "aggregate_type" => Segment::AggregateType,
+                "event_type" => Segment::EventType,
+                other => return Err(error(format!("unknown placeholder {{{other}}}; use {{aggregate_type}} or {{event_type}}"))),
+            };
+            segments.push(segment);
+            rest = &rest[open + close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(error("a '}' has no opening '{'".into()));
+        }
+        if !rest.is_empty() {
+            segments.push(Segment::Literal(rest.to_owned()));
+        }
+        if segments.is_empty() {
+            return Err(error("the template is empty".into()));
+        }
+        Ok(TopicTemplate { segments })
+    }
+
+    fn render(&self, aggregate_type: &str, event_type: &str) -> Result<String, String> {
+        let mut topic = String::new();
+        for segment in &self.segments {
+            topic.push_str(match segment {
+                Segment::Literal(text) => text,
+                Segment::AggregateType => aggregate_type,
+                Segment::EventType => event_type,
+            });
+        }
+        validate_topic_name(&topic)?;
+        Ok(topic)
+    }
+}
+
+/// Kafka's own rule: 1 to 249 characters of `[a-zA-Z0-9._-]`, and not `.` or `..`.
+fn validate_topic_name(topic: &str) -> Result<(), String> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if topic.is_empty() || topic.len() > 249 || topic == "." || topic == ".." || !topic.chars().all(legal) {
+        return Err(format!(
+            "topic name {topic:?} is not legal in Kafka (1-249 characters of a-z A-Z 0-9 . _ -)"
+        ));
+    }
+    Ok(())
+}
+
+/// Where each outbox column sits in one table's rows.
+#[derive(Debug, Clone)]
+struct Layout {
+    id: usize,
+    aggregate_type: usize,
+    aggregate_id: usize,
+    event_type: usize,
+    payload: usize,
+    headers: Option<usize>,
+}
+
+/// Maps inserts to events, remembering each table's layout from its Relation message.
+#[derive(Debug)]
+pub struct Mapper {
+    template: TopicTemplate,
+    names: ColumnNames,
+    /// Keyed by table OID; an `Err` says which column the table lacks.
+    layouts: HashMap<u32, Result<Layout, String>>,
+}
+
+impl Mapper {
+    pub fn new(template: TopicTemplate, names: ColumnNames) -> Self {
+        Mapper {
+            template,
+            names,
+            layouts: HashMap::new(),
+        }
+    }
+
+    /// Learns (or relearns, after a schema change) a table's column positions.
+    pub fn relation(&mut self, relation: &Relation) {
+        let find = |name: &str| relation.columns.iter().position(|column| column.name == name);
+        let require = |name: &str| {
+            find(name).ok_or_else(|| {
+                format!(
+                    "table {}.{} has no column {name:?}; only outbox tables may be in the publication",
+                    relation.namespace, relation.name
+                )
+            })
+        };
+        let layout = (|| {
+            Ok(Layout {
+                id: require(&self.names.id)?,
+                aggregate_type: require(&self.names.aggregate_type)?,
+                aggregate_id: require(&self.names.aggregate_id)?,
+                event_type: require(&self.names.event_type)?,
+                payload: require(&self.names.payload)?,
+                headers: find(&self.names.headers),
+            })
+        })();
+        self.layouts.insert(relation.id, layout);
+    }
+
+    /// Builds the record for one inserted row.
+    pub fn map(&self, insert: &Insert, position: SourcePosition) -> Result<OutboxEvent, MappingError> {
+        let fail = |id: Option<String>, reason: String| MappingError { id, position, reason };
+        let layout = match self.layouts.get(&insert.relation_id) {
+            Some(Ok(layout)) => layout,
+            Some(Err(reason)) => return Err(fail(None, reason.clone())),
+            None => {
+                return Err(fail(
+                    None,
+                    format!("insert into table OID {} arrived before its Relation message", insert.relation_id),
+                ))
+            }
+        };
+        let value = |index: usize| -> Result<Option<&Bytes>, String> {
+            match insert.tuple.get(index) {
+                Some(Value::Text(bytes)) => Ok(Some(bytes)),
+                Some(Value::Null) => Ok(None),
+                Some(Value::Binary(_)) => Err("binary column values are not supported".into()),
+                Some(Value::UnchangedToast) => Err("an insert carried an unchanged TOAST value".into()),
+                None => Err(format!("the row has {} columns, fewer than its table", insert.tuple.len())),
+            }
+        };
+        let text = |index: usize, name: &str| -> Result<&str, String> {
+            let bytes = value(index)?.ok_or_else(|| format!("column {name:?} is NULL"))?;
+            std::str::from_utf8(bytes).map_err(|_| format!("column {name:?} is not UTF-8"))
+        };
+
+        let id = text(layout.id, &self.names.id).map_err(|reason| fail(None, reason))?.to_owned();
+        let with_id = |reason: String| fail(Some(id.clone()), reason);
+        let aggregate_type = text(layout.aggregate_type, &self.names.aggregate_type).map_err(with_id)?;
+        let event_type = text(layout.event_type, &self.names.event_type).map_err(with_id)?;
+        let key = value(layout.aggregate_id)
+            .map_err(with_id)?
+            .ok_or_else(|| with_id(format!("column {:?} is NULL", self.names.aggregate_id)))?
+            .clone();
+        let payload = value(layout.payload)
+            .map_err(with_id)?
+            .ok_or_else(|| with_id(format!("column {:?} is NULL", self.names.payload)))?
+            .clone();
+        let topic = self.template.render(aggregate_type, event_type).map_err(with_id)?;
+
+        let mut headers = Vec::with_capacity(5);
+        if let Some(index) = layout.headers {
+            if let Some(json) = value(index).map_err(with_id)? {
+                extra_headers(json, &mut headers).map_err(with_id)?;
+            }
+        }
+        headers.push((HEADER_ID.to_owned(), Some(Bytes::copy_from_slice(id.as_bytes()))));
+        headers.push((HEADER_EVENT_TYPE.to_owned(), Some(Bytes::copy_from_slice(event_type.as_bytes()))));
+        headers.push((HEADER_AGGREGATE_TYPE.to_owned(), Some(Bytes::copy_from_slice(aggregate_type.as_bytes()))));
+        headers.push((HEADER_COMMIT_LSN.to_owned(), Some(Bytes::from(position.commit_lsn.to_string()))));
+        headers.push((HEADER_TX_INDEX.to_owned(), Some(Bytes::from(position.index.to_string()))));
+
+        Ok(OutboxEvent {
+            id,
+            topic,
+            key,
+            payload,
+            headers,
+            position,
+        })
+    }
+}
+
+/// Each key of the `headers` JSON object becomes a header: strings as they are, other
+/// JSON values as their JSON text, `null` as a header without a value.
+fn extra_headers(json: &[u8], headers: &mut Vec<(String, Option<Bytes>)>) -> Result<(), String> {
+    let parsed: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| format!("column \"headers\" is not JSON: {e}"))?;
+    let serde_json::Value::Object(map) = parsed else {
+        return Err("column \"headers\" must be a JSON object of header names to values".into());
+    };
+    for (name, value) in map {
+        let value = match value {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(text) => Some(Bytes::from(text)),
+            other => Some(Bytes::from(other.to_string())),
+        };
+        headers.push((name, value));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::postgres::pgoutput::{decode, Message};
+    use crate::postgres::pgoutput::build;
+
+    const COLUMNS: [&str; 7] = ["id", "aggregate_type", "aggregate_id", "event_type", "payload", "headers", "created_at"];
+
+    fn mapper() -> Mapper {
+        let mut mapper = Mapper::new(
+            TopicTemplate::parse("outbox.event.{aggregate_type}").unwrap_or_else(|e| panic!("{e}")),
+            ColumnNames::default(),
+        );
+        let Ok(Message::Relation(relation)) = decode(&Bytes::from(build::relation(1, "outbox", &COLUMNS))) else {
+            panic!("relation did not decode");
+        };
+        mapper.relation(&relation);
+        mapper
+    }
+
+    fn insert(values: &[Option<&str>]) -> Insert {
+        match decode(&Bytes::from(build::insert(1, values))) {
+            Ok(Message::Insert(insert)) => insert,
+            other => panic!("insert did not decode: {other:?}"),
+        }
+    }
+
+    const POSITION: SourcePosition = SourcePosition { commit_lsn: Lsn(0x1_0000_00A0), index: 3 };
+
+    #[test]
+    fn maps_topic_key_value_and_headers() {
+        let row = insert(&[
+            Some("0b5c"),
+            Some("order"),
+            Some("o-1"),
+            Some("OrderPlaced"),
+            Some(r#"{"total": 5}"#),
+            Some(r#"{"traceparent": "00-ab", "n": 1, "gone": null}"#),
+            Some("2026-01-01"),
+        ]);
+        let event = mapper().map(&row, POSITION).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(event.topic, "outbox.event.order");
+        assert_eq!(event.key, Bytes::from_static(b"o-1"));
+        assert_eq!(event.payload, Bytes::from_static(br#"{"total": 5}"#));
+        let header = |name: &str| {
+            event
+                .headers
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.clone())
+        };
+        assert_eq!(header("id"), Some(Some(Bytes::from_static(b"0b5c"))));
+        assert_eq!(header("event_type"), Some(Some(Bytes::from_static(b"OrderPlaced"))));
+        assert_eq!(header("aggregate_type"), Some(Some(Bytes::from_static(b"order"))));
+        assert_eq!(header("outbox.commit_lsn"), Some(Some(Bytes::from_static(b"1/A0"))));
+        assert_eq!(header("outbox.tx_index"), Some(Some(Bytes::from_static(b"3"))));
+        assert_eq!(header("traceparent"), Some(Some(Bytes::from_static(b"00-ab"))));
+        assert_eq!(header("n"), Some(Some(Bytes::from_static(b"1"))));
+        assert_eq!(header("gone"), Some(None));
+    }
+
+    #[test]
+    fn columns_are_found_by_name_whatever_their_order() {
+        let mut mapper = mapper();
+        let reordered = ["created_at", "payload", "event_type", "aggregate_id", "aggregate_type", "id", "extra"];
+        let Ok(Message::Relation(relation)) = decode(&Bytes::from(build::relation(1, "outbox", &reordered))) else {
+            panic!("relation did not decode");
+        };
+        mapper.relation(&relation);
+        let row = insert(&[None, Some("{}"), Some("E"), Some("k"), Some("a"), Some("i"), Some("x")]);
+        let event = mapper.map(&row, POSITION).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((event.id.as_str(), event.topic.as_str()), ("i", "outbox.event.a"));
+    }
+
+    #[test]
+    fn null_required_values_name_the_row() {
+        let row = insert(&[Some("id-9"), Some("order"), None, Some("E"), Some("{}"), None, None]);
+        let error = mapper().map(&row, POSITION).err().unwrap_or_else(|| panic!("mapped a NULL key"));
+        assert_eq!(error.id.as_deref(), Some("id-9"));
+        let message = error.to_string();
+        assert!(message.contains("id=id-9") && message.contains("1/A0") && message.contains("aggregate_id"), "{message}");
+    }
+
+    #[test]
+    fn illegal_topic_names_and_bad_headers_are_errors() {
+        let row = insert(&[Some("i"), Some("no spaces"), Some("k"), Some("E"), Some("{}"), None, None]);
+        assert!(mapper().map(&row, POSITION).is_err());
+        let row = insert(&[Some("i"), Some("a"), Some("k"), Some("E"), Some("{}"), Some("[1]"), None]);
+        assert!(mapper().map(&row, POSITION).is_err());
+    }
+
+    #[test]
+    fn a_table_without_outbox_columns_is_reported_by_name() {
+        let mut mapper = mapper();
+        let Ok(Message::Relation(relation)) = decode(&Bytes::from(build::relation(2, "orders", &["id"]))) else {
+            panic!("relation did not decode");
+        };
+        mapper.relation(&relation);
+        let row = match decode(&Bytes::from(build::insert(2, &[Some("1")]))) {
+            Ok(Message::Insert(insert)) => insert,
+            other => panic!("{other:?}"),
+        };
+        let error = mapper.map(&row, POSITION).err().unwrap_or_else(|| panic!("mapped"));
+        assert!(error.reason.contains("public.orders"), "{error}");
+    }
+
+    #[test]
+    fn templates_accept_known_placeholders_only() {
+        assert!(TopicTemplate::parse("events").is_ok());
+        assert!(TopicTemplate::parse("{aggregate_type}.{event_type}").is_ok());
+        assert!(TopicTemplate::parse("x.{aggregate_id}").is_err());
+        assert!(TopicTemplate::parse("x.{aggregate_type").is_err());
+        assert!(TopicTemplate::parse("x}").is_err());
+        assert!(TopicTemplate::parse("").is_err());
+    }
+}

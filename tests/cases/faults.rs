@@ -1,0 +1,131 @@
+//! Faults: broker outage, relay killed, relay stopped.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use crate::cases::delivery::assert_commit_order_per_key;
+use crate::support::kafka::Consumer;
+use crate::support::relay::Relay;
+use crate::support::{connect, Record, TestDb};
+
+/// The time of the walsender's last standby status reply for this test's slot.
+async fn last_reply(db: &TestDb) -> Option<String> {
+    db.client
+        .query_opt(
+            "SELECT r.reply_time::text FROM pg_stat_replication r
+               JOIN pg_replication_slots s ON s.active_pid = r.pid
+              WHERE s.slot_name = $1",
+            &[&db.slot],
+        )
+        .await
+        .ok()
+        .flatten()
+        .and_then(|row| row.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_never_lets_the_slot_pass_an_unacknowledged_event() {
+    // A private broker, since this test freezes it.
+    let broker = devrig::Broker::start().unwrap_or_else(|e| panic!("cannot start tansu: {e}"));
+    let db = TestDb::new("outage").await;
+    let _relay = Relay::start_with_servers(&db, &broker.bootstrap_servers(), &[]);
+    let warm_up = db.insert_event("order", "k0", "{}").await;
+    let mut consumer = Consumer::new(&broker.bootstrap_servers(), &[db.topic("order")]);
+    consumer.read_until(Duration::from_secs(60), "the warm-up event", |r| !r.is_empty());
+    assert_eq!(consumer.records[0].id(), warm_up);
+    db.wait_confirmed(db.current_wal_lsn().await, Duration::from_secs(30)).await;
+
+    broker.pause();
+    let before_first = db.current_wal_lsn().await;
+    let mut ids = HashSet::from([warm_up]);
+    for i in 0..20 {
+        ids.insert(db.insert_event("order", &format!("k{}", i % 3), "{}").await);
+    }
+    // Watch the slot across three status updates from the relay: it must stay before
+    // the first event written during the outage.
+    let mut replies = HashSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while replies.len() < 3 {
+        let confirmed = db.confirmed_flush_lsn().await;
+        assert!(
+            confirmed <= before_first,
+            "confirmed_flush_lsn {confirmed} passed {before_first}, before an unacknowledged event"
+        );
+        if let Some(reply) = last_reply(&db).await {
+            replies.insert(reply);
+        }
+        assert!(std::time::Instant::now() < deadline, "no status updates from the relay during the outage");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    broker.resume();
+    consumer.read_until(Duration::from_secs(90), "every event after the outage", |records| {
+        records.iter().map(Record::id).collect::<HashSet<_>>() == ids
+    });
+    db.wait_confirmed(db.current_wal_lsn().await, Duration::from_secs(30)).await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_killed_mid_stream_loses_nothing_after_restart() {
+    let db = TestDb::new("sigkill").await;
+    let mut relay = db.relay();
+    let url = db.url.clone();
+    let writer = tokio::spawn(async move {
+        let client = connect(&url).await;
+        let mut ids = Vec::new();
+        for i in 0..3_000 {
+            let row = client
+                .query_one(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                     VALUES ('order', $1, 'Tested', '{}') RETURNING id::text",
+                    &[&format!("k{}", i % 17)],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            ids.push(row.get::<_, String>(0));
+        }
+        ids
+    });
+    let mut consumer = Consumer::new(&db.bootstrap_servers, &[db.topic("order")]);
+    consumer.read_until(Duration::from_secs(60), "some events before the kill", |r| r.len() >= 500);
+    relay.kill_hard();
+    let _restarted = db.relay();
+
+    let ids: HashSet<String> = writer.await.unwrap_or_else(|e| panic!("{e}")).into_iter().collect();
+    consumer.read_until(Duration::from_secs(120), "every committed event", |records| {
+        records.iter().map(Record::id).collect::<HashSet<_>>().is_superset(&ids)
+    });
+    consumer.read_until_quiet(Duration::from_secs(1));
+    let unique: HashSet<String> = consumer.records.iter().map(Record::id).collect();
+    let duplicates = consumer.records.len() - unique.len();
+    eprintln!("sigkill: {} committed, {} received, {duplicates} duplicates", ids.len(), consumer.records.len());
+    assert_eq!(unique, ids, "missing or unexpected events");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_confirms_what_was_acknowledged_and_exits_zero() {
+    let db = TestDb::new("sigterm").await;
+    let mut relay = db.relay();
+    let mut ids = HashSet::new();
+    for i in 0..200 {
+        ids.insert(db.insert_event("order", &format!("k{}", i % 7), "{}").await);
+    }
+    let written_up_to = db.current_wal_lsn().await;
+    let mut consumer = Consumer::new(&db.bootstrap_servers, &[db.topic("order")]);
+    consumer.read_until(Duration::from_secs(60), "every event", |records| {
+        records.iter().map(Record::id).collect::<HashSet<_>>() == ids
+    });
+    let status = relay.terminate(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "log:\n{}", relay.log_text());
+    assert!(db.confirmed_flush_lsn().await >= written_up_to, "the final position was not confirmed");
+
+    // A restart publishes nothing again.
+    let _again = db.relay();
+    let marker = db.insert_event("order", "marker", "{}").await;
+    consumer.read_until(Duration::from_secs(60), "the marker", |records| records.iter().any(|r| r.id() == marker));
+    assert_eq!(consumer.records.len(), ids.len() + 1, "events were published twice");
+    assert_commit_order_per_key(&consumer.records);
+    db.drop().await;
+}

@@ -1,0 +1,4 @@
+mod delivery;
+mod faults;
+mod large_transaction;
+mod startup_errors;
