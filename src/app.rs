@@ -133,7 +133,9 @@ impl Relay {
                 Ok(start) => start,
                 Err(SessionError::Stop(error)) => return Err(error),
                 Err(SessionError::Restart(reason)) if !streamed_once => {
-                    return Err(RelayError::Unreachable(format!("cannot reach PostgreSQL at start: {reason}")));
+                    return Err(RelayError::Unreachable(format!(
+                        "cannot reach PostgreSQL at start: {reason}"
+                    )));
                 }
                 Err(SessionError::Restart(reason)) => {
                     tracing::warn!(%reason, "PostgreSQL not reachable; retrying");
@@ -174,7 +176,10 @@ impl Relay {
 
             match self.pump(&mut stream, &mut shutdown).await {
                 Ok(SessionEnd::Shutdown) => {
-                    tracing::info!(in_flight = self.pipeline.len(), "shutting down: waiting for acknowledgements");
+                    tracing::info!(
+                        in_flight = self.pipeline.len(),
+                        "shutting down: waiting for acknowledgements"
+                    );
                     let end = self.stop_session(stream, self.settings.shutdown_timeout).await;
                     return end.map(|confirmed| tracing::info!(%confirmed, "stopped"));
                 }
@@ -213,7 +218,10 @@ impl Relay {
         let sql_error = |e: tokio_postgres::Error| SessionError::Restart(database.connect_error(&e).to_string());
         let info = slot::inspect(&client, &self.settings.slot).await.map_err(sql_error)?;
         let info = slot::check(info, &self.settings.slot, database.dbname()).map_err(RelayError::from)?;
-        if !slot::publication_exists(&client, &self.settings.publication).await.map_err(sql_error)? {
+        if !slot::publication_exists(&client, &self.settings.publication)
+            .await
+            .map_err(sql_error)?
+        {
             return Err(RelayError::from(slot::SlotProblem::PublicationMissing {
                 publication: self.settings.publication.clone(),
                 database: database.dbname().to_owned(),
@@ -235,7 +243,11 @@ impl Relay {
     }
 
     /// One session's loop.
-    async fn pump(&mut self, stream: &mut ReplicationStream, shutdown: &mut Shutdown) -> Result<SessionEnd, SessionError> {
+    async fn pump(
+        &mut self,
+        stream: &mut ReplicationStream,
+        shutdown: &mut Shutdown,
+    ) -> Result<SessionEnd, SessionError> {
         let mut open: Option<OpenTxn> = None;
         loop {
             let has_room = self.pipeline.len() < self.settings.max_in_flight;
@@ -333,11 +345,23 @@ impl Relay {
                 Err(SubmitError::QueueFull) => match self.pipeline.next_ack().await {
                     Some(ack) => self.on_ack(ack, Some(stream))?,
                     None => {
-                        return Err(delivery_error(&event.id, event.position, ErrorClass::Poison, "the record alone exceeds the producer's queue (queue.buffering.max.kbytes)").into());
+                        return Err(delivery_error(
+                            &event.id,
+                            event.position,
+                            ErrorClass::Poison,
+                            "the record alone exceeds the producer's queue (queue.buffering.max.kbytes)",
+                        )
+                        .into());
                     }
                 },
-                Err(SubmitError::Refused { class: ErrorClass::Transient, error }) => {
-                    return Err(SessionError::Restart(format!("Kafka refused event id={}: {error}", event.id)));
+                Err(SubmitError::Refused {
+                    class: ErrorClass::Transient,
+                    error,
+                }) => {
+                    return Err(SessionError::Restart(format!(
+                        "Kafka refused event id={}: {error}",
+                        event.id
+                    )));
                 }
                 Err(SubmitError::Refused { class, error }) => {
                     return Err(delivery_error(&event.id, event.position, class, &error.to_string()).into());
@@ -391,7 +415,10 @@ impl Relay {
     async fn stop_session(&mut self, stream: ReplicationStream, limit: Duration) -> Result<Lsn, RelayError> {
         let (_never, mut no_shutdown) = crate::shutdown::channel();
         if self.drain(Some(limit), &mut no_shutdown).await.is_err() {
-            tracing::warn!(in_flight = self.pipeline.len(), "shutdown timeout passed with events unacknowledged; they will be sent again on restart");
+            tracing::warn!(
+                in_flight = self.pipeline.len(),
+                "shutdown timeout passed with events unacknowledged; they will be sent again on restart"
+            );
         }
         let confirmed = self.progress.as_ref().map_or(Lsn::ZERO, Progress::confirmed);
         stream.finish(confirmed, Duration::from_secs(2)).await;

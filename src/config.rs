@@ -65,7 +65,11 @@ pub struct KafkaArgs {
     pub kafka_properties: Vec<(String, String)>,
 
     /// Topic for each event; {aggregate_type} and {event_type} are replaced by the row's values.
-    #[arg(long, env = "OUTBOX_RELAY_TOPIC_TEMPLATE", default_value = "outbox.event.{aggregate_type}")]
+    #[arg(
+        long,
+        env = "OUTBOX_RELAY_TOPIC_TEMPLATE",
+        default_value = "outbox.event.{aggregate_type}"
+    )]
     pub topic_template: String,
 }
 
@@ -143,7 +147,10 @@ mod tests {
     #[test]
     fn properties_are_key_value() {
         assert_eq!(parse_property("linger.ms=5"), Ok(("linger.ms".into(), "5".into())));
-        assert_eq!(parse_property("sasl.jaas.config=a=b"), Ok(("sasl.jaas.config".into(), "a=b".into())));
+        assert_eq!(
+            parse_property("sasl.jaas.config=a=b"),
+            Ok(("sasl.jaas.config".into(), "a=b".into()))
+        );
         assert!(parse_property("novalue").is_err());
     }
 }

@@ -114,7 +114,11 @@ impl TopicTemplate {
             let segment = match &rest[open + 1..open + close] {
                 "aggregate_type" => Segment::AggregateType,
                 "event_type" => Segment::EventType,
-                other => return Err(error(format!("unknown placeholder {{{other}}}; use {{aggregate_type}} or {{event_type}}"))),
+                other => {
+                    return Err(error(format!(
+                        "unknown placeholder {{{other}}}; use {{aggregate_type}} or {{event_type}}"
+                    )))
+                }
             };
             segments.push(segment);
             rest = &rest[open + close + 1..];
@@ -218,7 +222,10 @@ impl Mapper {
             None => {
                 return Err(fail(
                     None,
-                    format!("insert into table OID {} arrived before its Relation message", insert.relation_id),
+                    format!(
+                        "insert into table OID {} arrived before its Relation message",
+                        insert.relation_id
+                    ),
                 ))
             }
         };
@@ -228,7 +235,10 @@ impl Mapper {
                 Some(Value::Null) => Ok(None),
                 Some(Value::Binary(_)) => Err("binary column values are not supported".into()),
                 Some(Value::UnchangedToast) => Err("an insert carried an unchanged TOAST value".into()),
-                None => Err(format!("the row has {} columns, fewer than its table", insert.tuple.len())),
+                None => Err(format!(
+                    "the row has {} columns, fewer than its table",
+                    insert.tuple.len()
+                )),
             }
         };
         let text = |index: usize, name: &str| -> Result<&str, String> {
@@ -236,7 +246,9 @@ impl Mapper {
             std::str::from_utf8(bytes).map_err(|_| format!("column {name:?} is not UTF-8"))
         };
 
-        let id = text(layout.id, &self.names.id).map_err(|reason| fail(None, reason))?.to_owned();
+        let id = text(layout.id, &self.names.id)
+            .map_err(|reason| fail(None, reason))?
+            .to_owned();
         let with_id = |reason: String| fail(Some(id.clone()), reason);
         let aggregate_type = text(layout.aggregate_type, &self.names.aggregate_type).map_err(with_id)?;
         let event_type = text(layout.event_type, &self.names.event_type).map_err(with_id)?;
@@ -257,10 +269,22 @@ impl Mapper {
             }
         }
         headers.push((HEADER_ID.to_owned(), Some(Bytes::copy_from_slice(id.as_bytes()))));
-        headers.push((HEADER_EVENT_TYPE.to_owned(), Some(Bytes::copy_from_slice(event_type.as_bytes()))));
-        headers.push((HEADER_AGGREGATE_TYPE.to_owned(), Some(Bytes::copy_from_slice(aggregate_type.as_bytes()))));
-        headers.push((HEADER_COMMIT_LSN.to_owned(), Some(Bytes::from(position.commit_lsn.to_string()))));
-        headers.push((HEADER_TX_INDEX.to_owned(), Some(Bytes::from(position.index.to_string()))));
+        headers.push((
+            HEADER_EVENT_TYPE.to_owned(),
+            Some(Bytes::copy_from_slice(event_type.as_bytes())),
+        ));
+        headers.push((
+            HEADER_AGGREGATE_TYPE.to_owned(),
+            Some(Bytes::copy_from_slice(aggregate_type.as_bytes())),
+        ));
+        headers.push((
+            HEADER_COMMIT_LSN.to_owned(),
+            Some(Bytes::from(position.commit_lsn.to_string())),
+        ));
+        headers.push((
+            HEADER_TX_INDEX.to_owned(),
+            Some(Bytes::from(position.index.to_string())),
+        ));
 
         Ok(OutboxEvent {
             id,
@@ -295,10 +319,18 @@ fn extra_headers(json: &[u8], headers: &mut Vec<(String, Option<Bytes>)>) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::postgres::pgoutput::{decode, Message};
     use crate::postgres::pgoutput::build;
+    use crate::postgres::pgoutput::{decode, Message};
 
-    const COLUMNS: [&str; 7] = ["id", "aggregate_type", "aggregate_id", "event_type", "payload", "headers", "created_at"];
+    const COLUMNS: [&str; 7] = [
+        "id",
+        "aggregate_type",
+        "aggregate_id",
+        "event_type",
+        "payload",
+        "headers",
+        "created_at",
+    ];
 
     fn mapper() -> Mapper {
         let mut mapper = Mapper::new(
@@ -319,7 +351,10 @@ mod tests {
         }
     }
 
-    const POSITION: SourcePosition = SourcePosition { commit_lsn: Lsn(0x1_0000_00A0), index: 3 };
+    const POSITION: SourcePosition = SourcePosition {
+        commit_lsn: Lsn(0x1_0000_00A0),
+        index: 3,
+    };
 
     #[test]
     fn maps_topic_key_value_and_headers() {
@@ -356,7 +391,15 @@ mod tests {
     #[test]
     fn columns_are_found_by_name_whatever_their_order() {
         let mut mapper = mapper();
-        let reordered = ["created_at", "payload", "event_type", "aggregate_id", "aggregate_type", "id", "extra"];
+        let reordered = [
+            "created_at",
+            "payload",
+            "event_type",
+            "aggregate_id",
+            "aggregate_type",
+            "id",
+            "extra",
+        ];
         let Ok(Message::Relation(relation)) = decode(&Bytes::from(build::relation(1, "outbox", &reordered))) else {
             panic!("relation did not decode");
         };
@@ -369,17 +412,39 @@ mod tests {
     #[test]
     fn null_required_values_name_the_row() {
         let row = insert(&[Some("id-9"), Some("order"), None, Some("E"), Some("{}"), None, None]);
-        let error = mapper().map(&row, POSITION).err().unwrap_or_else(|| panic!("mapped a NULL key"));
+        let error = mapper()
+            .map(&row, POSITION)
+            .err()
+            .unwrap_or_else(|| panic!("mapped a NULL key"));
         assert_eq!(error.id.as_deref(), Some("id-9"));
         let message = error.to_string();
-        assert!(message.contains("id=id-9") && message.contains("1/A0") && message.contains("aggregate_id"), "{message}");
+        assert!(
+            message.contains("id=id-9") && message.contains("1/A0") && message.contains("aggregate_id"),
+            "{message}"
+        );
     }
 
     #[test]
     fn illegal_topic_names_and_bad_headers_are_errors() {
-        let row = insert(&[Some("i"), Some("no spaces"), Some("k"), Some("E"), Some("{}"), None, None]);
+        let row = insert(&[
+            Some("i"),
+            Some("no spaces"),
+            Some("k"),
+            Some("E"),
+            Some("{}"),
+            None,
+            None,
+        ]);
         assert!(mapper().map(&row, POSITION).is_err());
-        let row = insert(&[Some("i"), Some("a"), Some("k"), Some("E"), Some("{}"), Some("[1]"), None]);
+        let row = insert(&[
+            Some("i"),
+            Some("a"),
+            Some("k"),
+            Some("E"),
+            Some("{}"),
+            Some("[1]"),
+            None,
+        ]);
         assert!(mapper().map(&row, POSITION).is_err());
     }
 

@@ -42,7 +42,10 @@ pub async fn setup(args: &SetupArgs) -> Result<Vec<String>, RelayError> {
     }
 
     let publication = &args.postgres.publication;
-    if !slot::publication_exists(&client, publication).await.map_err(sql_error)? {
+    if !slot::publication_exists(&client, publication)
+        .await
+        .map_err(sql_error)?
+    {
         return Err(SlotProblem::PublicationMissing {
             publication: publication.clone(),
             database: database.dbname().to_owned(),
@@ -56,7 +59,9 @@ pub async fn setup(args: &SetupArgs) -> Result<Vec<String>, RelayError> {
         Some(info) => {
             let info = slot::check(Some(info), slot_name, database.dbname())?;
             let confirmed = info.confirmed_flush_lsn.map(|l| l.to_string()).unwrap_or_default();
-            report.push(format!("slot {slot_name} exists (confirmed up to {confirmed}); left as it is"));
+            report.push(format!(
+                "slot {slot_name} exists (confirmed up to {confirmed}); left as it is"
+            ));
         }
         None => match slot::create(&client, slot_name).await {
             Ok(lsn) => report.push(format!("created slot {slot_name} (pgoutput) at {lsn}")),

@@ -84,7 +84,11 @@ mod tests {
             RDKafkaErrorCode::QueueFull,
             RDKafkaErrorCode::BrokerTransportFailure,
         ] {
-            assert_eq!(classify(&KafkaError::MessageProduction(code)), ErrorClass::Transient, "{code:?}");
+            assert_eq!(
+                classify(&KafkaError::MessageProduction(code)),
+                ErrorClass::Transient,
+                "{code:?}"
+            );
         }
     }
 
@@ -96,14 +100,22 @@ mod tests {
             RDKafkaErrorCode::UnknownTopicOrPartition,
             RDKafkaErrorCode::InvalidTopic,
         ] {
-            assert_eq!(classify(&KafkaError::MessageProduction(code)), ErrorClass::Poison, "{code:?}");
+            assert_eq!(
+                classify(&KafkaError::MessageProduction(code)),
+                ErrorClass::Poison,
+                "{code:?}"
+            );
         }
     }
 
     #[test]
     fn broken_producer_state_is_fatal() {
         for code in [RDKafkaErrorCode::Fatal, RDKafkaErrorCode::OutOfOrderSequenceNumber] {
-            assert_eq!(classify(&KafkaError::MessageProduction(code)), ErrorClass::Fatal, "{code:?}");
+            assert_eq!(
+                classify(&KafkaError::MessageProduction(code)),
+                ErrorClass::Fatal,
+                "{code:?}"
+            );
         }
     }
 }

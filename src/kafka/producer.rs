@@ -29,8 +29,14 @@ pub struct ProducerSettings {
 /// A property the relay's guarantees depend on was set to a weaker value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProducerConfigError {
-    #[error("Kafka property {key}={value} is not allowed: outbox-relay needs {key}={required} for its delivery guarantees")]
-    Weakened { key: String, value: String, required: String },
+    #[error(
+        "Kafka property {key}={value} is not allowed: outbox-relay needs {key}={required} for its delivery guarantees"
+    )]
+    Weakened {
+        key: String,
+        value: String,
+        required: String,
+    },
     #[error("cannot create the Kafka producer: {0}")]
     Client(String),
 }
@@ -107,10 +113,7 @@ impl Producer {
                 value: value.as_deref(),
             });
         }
-        let record = FutureRecord::to(topic)
-            .key(key)
-            .payload(payload)
-            .headers(kafka_headers);
+        let record = FutureRecord::to(topic).key(key).payload(payload).headers(kafka_headers);
         self.inner.send_result(record).map_err(|(error, _record)| error)
     }
 

@@ -67,16 +67,14 @@ impl Database {
     }
 
     pub fn dbname(&self) -> &str {
-        self.config.get_dbname().unwrap_or_else(|| self.config.get_user().unwrap_or("postgres"))
+        self.config
+            .get_dbname()
+            .unwrap_or_else(|| self.config.get_user().unwrap_or("postgres"))
     }
 
     /// An ordinary SQL connection. The connection task ends when the client is dropped.
     pub async fn connect(&self) -> Result<Client, ConnectError> {
-        let (client, connection) = self
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|e| self.connect_error(&e))?;
+        let (client, connection) = self.config.connect(NoTls).await.map_err(|e| self.connect_error(&e))?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "control connection closed");
@@ -151,7 +149,13 @@ fn redact(url: &str) -> String {
         return url.to_owned();
     }
     url.split_whitespace()
-        .map(|pair| if pair.starts_with("password=") { "password=***" } else { pair })
+        .map(|pair| {
+            if pair.starts_with("password=") {
+                "password=***"
+            } else {
+                pair
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -162,8 +166,14 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_messages() {
-        assert_eq!(redact("postgres://relay:s3cret@db:5432/app"), "postgres://relay:***@db:5432/app");
-        assert_eq!(redact("host=db user=relay password=s3cret"), "host=db user=relay password=***");
+        assert_eq!(
+            redact("postgres://relay:s3cret@db:5432/app"),
+            "postgres://relay:***@db:5432/app"
+        );
+        assert_eq!(
+            redact("host=db user=relay password=s3cret"),
+            "host=db user=relay password=***"
+        );
         assert_eq!(redact("postgres://relay@db/app"), "postgres://relay@db/app");
     }
 

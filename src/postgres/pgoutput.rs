@@ -23,11 +23,17 @@ pub enum Message {
     Type(TypeInfo),
     Insert(Insert),
     /// Updates are not outbox events; only the relation is kept, for counting.
-    Update { relation_id: u32 },
+    Update {
+        relation_id: u32,
+    },
     /// Deletes are not outbox events; only the relation is kept, for counting.
-    Delete { relation_id: u32 },
+    Delete {
+        relation_id: u32,
+    },
     /// Truncates are not outbox events; only the relations are kept, for counting.
-    Truncate { relation_ids: Vec<u32> },
+    Truncate {
+        relation_ids: Vec<u32>,
+    },
     /// A logical decoding message written with `pg_logical_emit_message`.
     Logical(LogicalMessage),
 }
@@ -602,7 +608,12 @@ mod tests {
         truncate.push(0);
         truncate.extend(1u32.to_be_bytes());
         truncate.extend(2u32.to_be_bytes());
-        assert_eq!(decoded(truncate), Message::Truncate { relation_ids: vec![1, 2] });
+        assert_eq!(
+            decoded(truncate),
+            Message::Truncate {
+                relation_ids: vec![1, 2]
+            }
+        );
     }
 
     #[test]

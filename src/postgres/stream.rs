@@ -26,7 +26,9 @@ pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 pub enum StreamEvent {
     Message(Message),
     /// The server has sent everything before `wal_end`.
-    Keepalive { wal_end: Lsn },
+    Keepalive {
+        wal_end: Lsn,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,7 +126,9 @@ impl ReplicationStream {
         };
         let event = match event {
             ReplicationEvent::XLogData { data, .. } => StreamEvent::Message(pgoutput::decode(&data)?),
-            ReplicationEvent::KeepAlive { wal_end, .. } => StreamEvent::Keepalive { wal_end: wal_end.into() },
+            ReplicationEvent::KeepAlive { wal_end, .. } => StreamEvent::Keepalive {
+                wal_end: wal_end.into(),
+            },
             // pgwire-replication decodes transaction boundaries and logical messages
             // itself; they are handed on as the same messages our decoder produces.
             ReplicationEvent::Begin {
@@ -157,7 +161,9 @@ impl ReplicationStream {
                 prefix,
                 content,
             })),
-            ReplicationEvent::StoppedAt { reached } => StreamEvent::Keepalive { wal_end: reached.into() },
+            ReplicationEvent::StoppedAt { reached } => StreamEvent::Keepalive {
+                wal_end: reached.into(),
+            },
         };
         Ok(Some(event))
     }

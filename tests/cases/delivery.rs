@@ -61,7 +61,10 @@ async fn write(url: String, writer: u64, target: usize) -> Written {
                 written.rolled_back.extend(ids);
             }
             1 | 2 => {
-                transaction.batch_execute("SAVEPOINT s").await.unwrap_or_else(|e| panic!("{e}"));
+                transaction
+                    .batch_execute("SAVEPOINT s")
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
                 for _ in 0..2 {
                     seq += 1;
                     let payload = format!(r#"{{"writer": {writer}, "seq": {seq}}}"#);
@@ -101,8 +104,14 @@ pub fn assert_commit_order_per_key(records: &[Record]) {
         let positions: Vec<(outbox_relay::lsn::Lsn, u32)> = list
             .iter()
             .map(|r| {
-                let lsn = r.header("outbox.commit_lsn").and_then(|t| t.parse().ok()).unwrap_or_default();
-                let index = r.header("outbox.tx_index").and_then(|t| t.parse().ok()).unwrap_or_default();
+                let lsn = r
+                    .header("outbox.commit_lsn")
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or_default();
+                let index = r
+                    .header("outbox.tx_index")
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or_default();
                 (lsn, index)
             })
             .collect();
@@ -111,8 +120,14 @@ pub fn assert_commit_order_per_key(records: &[Record]) {
             "key {key}: source positions out of commit order: {positions:?}"
         );
         if key.starts_with('w') {
-            let seqs: Vec<u64> = list.iter().map(|r| r.payload_json()["seq"].as_u64().unwrap_or(0)).collect();
-            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "key {key}: writer sequence out of order: {seqs:?}");
+            let seqs: Vec<u64> = list
+                .iter()
+                .map(|r| r.payload_json()["seq"].as_u64().unwrap_or(0))
+                .collect();
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "key {key}: writer sequence out of order: {seqs:?}"
+            );
         }
     }
 }
@@ -130,11 +145,20 @@ async fn exactly_the_committed_events_arrive_in_commit_order_per_key() {
         rolled_back.extend(written.rolled_back);
     }
     assert_eq!(committed.len(), 10_000);
-    assert!(rolled_back.len() > 1_000, "the workload rolled back too little: {}", rolled_back.len());
+    assert!(
+        rolled_back.len() > 1_000,
+        "the workload rolled back too little: {}",
+        rolled_back.len()
+    );
 
     let mut consumer = Consumer::new(&db.bootstrap_servers, &[db.topic("order"), db.topic("customer")]);
     consumer.read_until(Duration::from_secs(120), "all committed events", |records| {
-        records.iter().filter(|r| committed.contains(&r.id())).map(Record::id).collect::<HashSet<_>>().len()
+        records
+            .iter()
+            .filter(|r| committed.contains(&r.id()))
+            .map(Record::id)
+            .collect::<HashSet<_>>()
+            .len()
             == committed.len()
     });
     consumer.read_until_quiet(Duration::from_secs(1));
@@ -215,7 +239,9 @@ async fn writes_to_other_tables_still_advance_the_slot() {
     let _relay = db.relay();
     db.insert_event("order", "k", "{}").await;
     let mut consumer = Consumer::new(&db.bootstrap_servers, &[db.topic("order")]);
-    consumer.read_until(Duration::from_secs(60), "the first event", |records| !records.is_empty());
+    consumer.read_until(Duration::from_secs(60), "the first event", |records| {
+        !records.is_empty()
+    });
 
     db.client
         .batch_execute("CREATE TABLE unrelated (n int); INSERT INTO unrelated SELECT generate_series(1, 1000);")

@@ -33,7 +33,8 @@ async fn a_broker_outage_never_lets_the_slot_pass_an_unacknowledged_event() {
     let mut consumer = Consumer::new(&broker.bootstrap_servers(), &[db.topic("order")]);
     consumer.read_until(Duration::from_secs(60), "the warm-up event", |r| !r.is_empty());
     assert_eq!(consumer.records[0].id(), warm_up);
-    db.wait_confirmed(db.current_wal_lsn().await, Duration::from_secs(30)).await;
+    db.wait_confirmed(db.current_wal_lsn().await, Duration::from_secs(30))
+        .await;
 
     broker.pause();
     let before_first = db.current_wal_lsn().await;
@@ -54,7 +55,10 @@ async fn a_broker_outage_never_lets_the_slot_pass_an_unacknowledged_event() {
         if let Some(reply) = last_reply(&db).await {
             replies.insert(reply);
         }
-        assert!(std::time::Instant::now() < deadline, "no status updates from the relay during the outage");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no status updates from the relay during the outage"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -62,7 +66,8 @@ async fn a_broker_outage_never_lets_the_slot_pass_an_unacknowledged_event() {
     consumer.read_until(Duration::from_secs(90), "every event after the outage", |records| {
         records.iter().map(Record::id).collect::<HashSet<_>>() == ids
     });
-    db.wait_confirmed(db.current_wal_lsn().await, Duration::from_secs(30)).await;
+    db.wait_confirmed(db.current_wal_lsn().await, Duration::from_secs(30))
+        .await;
     db.drop().await;
 }
 
@@ -88,7 +93,9 @@ async fn a_relay_killed_mid_stream_loses_nothing_after_restart() {
         ids
     });
     let mut consumer = Consumer::new(&db.bootstrap_servers, &[db.topic("order")]);
-    consumer.read_until(Duration::from_secs(60), "some events before the kill", |r| r.len() >= 500);
+    consumer.read_until(Duration::from_secs(60), "some events before the kill", |r| {
+        r.len() >= 500
+    });
     relay.kill_hard();
     let _restarted = db.relay();
 
@@ -99,7 +106,11 @@ async fn a_relay_killed_mid_stream_loses_nothing_after_restart() {
     consumer.read_until_quiet(Duration::from_secs(1));
     let unique: HashSet<String> = consumer.records.iter().map(Record::id).collect();
     let duplicates = consumer.records.len() - unique.len();
-    eprintln!("sigkill: {} committed, {} received, {duplicates} duplicates", ids.len(), consumer.records.len());
+    eprintln!(
+        "sigkill: {} committed, {} received, {duplicates} duplicates",
+        ids.len(),
+        consumer.records.len()
+    );
     assert_eq!(unique, ids, "missing or unexpected events");
     db.drop().await;
 }
@@ -119,12 +130,17 @@ async fn sigterm_confirms_what_was_acknowledged_and_exits_zero() {
     });
     let status = relay.terminate(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "log:\n{}", relay.log_text());
-    assert!(db.confirmed_flush_lsn().await >= written_up_to, "the final position was not confirmed");
+    assert!(
+        db.confirmed_flush_lsn().await >= written_up_to,
+        "the final position was not confirmed"
+    );
 
     // A restart publishes nothing again.
     let _again = db.relay();
     let marker = db.insert_event("order", "marker", "{}").await;
-    consumer.read_until(Duration::from_secs(60), "the marker", |records| records.iter().any(|r| r.id() == marker));
+    consumer.read_until(Duration::from_secs(60), "the marker", |records| {
+        records.iter().any(|r| r.id() == marker)
+    });
     assert_eq!(consumer.records.len(), ids.len() + 1, "events were published twice");
     assert_commit_order_per_key(&consumer.records);
     db.drop().await;

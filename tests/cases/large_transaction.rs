@@ -20,11 +20,16 @@ async fn one_transaction_of_200_000_rows_arrives_whole() {
         .unwrap_or_else(|e| panic!("{e}"));
     let written_up_to = db.current_wal_lsn().await;
     let mut consumer = Consumer::new(&db.bootstrap_servers, &[db.topic("bulk")]);
-    consumer.read_until(Duration::from_secs(300), "200,000 events", |records| records.len() >= 200_000);
+    consumer.read_until(Duration::from_secs(300), "200,000 events", |records| {
+        records.len() >= 200_000
+    });
     let unique: HashSet<String> = consumer.records.iter().map(|r| r.id()).collect();
     assert_eq!(unique.len(), 200_000);
     db.wait_confirmed(written_up_to, Duration::from_secs(60)).await;
     let peak = relay.peak_rss_kib().unwrap_or(0);
-    eprintln!("bigtx: 200000 events in one transaction, relay peak RSS {} MiB", peak / 1024);
+    eprintln!(
+        "bigtx: 200000 events in one transaction, relay peak RSS {} MiB",
+        peak / 1024
+    );
     db.drop().await;
 }

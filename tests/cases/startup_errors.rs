@@ -47,14 +47,20 @@ async fn an_unreachable_database_is_reported() {
     let url = format!("postgres://postgres:pw@127.0.0.1:{port}/app");
     let output = run(&[], &url);
     assert_clear_failure(&output, 1, &["cannot reach PostgreSQL", &format!("127.0.0.1:{port}")]);
-    assert!(!String::from_utf8_lossy(&output.stderr).contains(":pw@"), "password in the log");
+    assert!(
+        !String::from_utf8_lossy(&output.stderr).contains(":pw@"),
+        "password in the log"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_url_and_a_bad_template_are_configuration_errors() {
     let output = run(&[], "postgres://relay:secret@db:notaport/app");
     assert_clear_failure(&output, 2, &["invalid database URL"]);
-    assert!(!String::from_utf8_lossy(&output.stderr).contains("secret"), "password in the log");
+    assert!(
+        !String::from_utf8_lossy(&output.stderr).contains("secret"),
+        "password in the log"
+    );
 
     let db = TestDb::new("badtemplate").await;
     let output = run(&["--slot", &db.slot, "--topic-template", "x.{nope}"], &db.url);
@@ -72,7 +78,11 @@ async fn setup_is_idempotent_and_reports_what_exists() {
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains(&format!("slot {} exists", db.slot)), "{stdout}");
     assert!(stdout.contains("applied sql/001_outbox_table.sql"), "{stdout}");
     db.drop().await;

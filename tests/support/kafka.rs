@@ -87,7 +87,9 @@ impl Consumer {
             self.assigned.insert(topic.clone());
         }
         if list.count() > 0 {
-            self.inner.incremental_assign(&list).unwrap_or_else(|e| panic!("cannot assign: {e}"));
+            self.inner
+                .incremental_assign(&list)
+                .unwrap_or_else(|e| panic!("cannot assign: {e}"));
         }
     }
 
@@ -127,7 +129,10 @@ impl Consumer {
             let mut last_assign = Instant::now() - Duration::from_secs(1);
             while !done(&self.records) {
                 if Instant::now() > deadline {
-                    panic!("timed out after {timeout:?} waiting for {what}; have {} records", self.records.len());
+                    panic!(
+                        "timed out after {timeout:?} waiting for {what}; have {} records",
+                        self.records.len()
+                    );
                 }
                 self.poll_once(&mut last_assign);
             }

@@ -50,7 +50,10 @@ impl Relay {
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start the relay: {e}"));
-        Relay { child: Some(child), log }
+        Relay {
+            child: Some(child),
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -27,7 +27,10 @@ pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> 
     let deadline = Instant::now() + timeout;
     while !condition() {
         if Instant::now() > deadline {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("timed out after {timeout:?} waiting for {what}")));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("timed out after {timeout:?} waiting for {what}"),
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -156,13 +159,24 @@ impl Postgres {
         initdb
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "-E", "UTF8", "--no-sync", "--auth-local=trust", "--auth-host=scram-sha-256"])
+            .args([
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()))
             .stdout(Stdio::null());
         as_owner(&mut initdb, owner);
         let output = initdb.output()?;
         if !output.status.success() {
-            return Err(io::Error::other(format!("initdb failed: {}", String::from_utf8_lossy(&output.stderr))));
+            return Err(io::Error::other(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )));
         }
         let mut extra = String::new();
         for setting in settings {
@@ -184,7 +198,10 @@ impl Postgres {
     }
 
     fn launch(&mut self) -> io::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("postgres.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("postgres.log"))?;
         if let Some((uid, gid)) = self.owner {
             std::os::unix::fs::chown(self.dir.join("postgres.log"), Some(uid), Some(gid))?;
         }
@@ -197,23 +214,36 @@ impl Postgres {
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.dir.display()))
             .args([
-                "-c", "listen_addresses=127.0.0.1",
-                "-c", "wal_level=logical",
-                "-c", "max_replication_slots=200",
-                "-c", "max_wal_senders=200",
-                "-c", "max_connections=500",
-                "-c", "fsync=off",
-                "-c", "full_page_writes=off",
-                "-c", "shared_buffers=256MB",
-                "-c", "max_wal_size=4GB",
-                "-c", "log_min_messages=warning",
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "wal_level=logical",
+                "-c",
+                "max_replication_slots=200",
+                "-c",
+                "max_wal_senders=200",
+                "-c",
+                "max_connections=500",
+                "-c",
+                "fsync=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "shared_buffers=256MB",
+                "-c",
+                "max_wal_size=4GB",
+                "-c",
+                "log_min_messages=warning",
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
         as_owner(&mut command, self.owner);
         let child = command.spawn()?;
-        register(Cleanup::Process { pid: child.id(), signal: libc::SIGQUIT });
+        register(Cleanup::Process {
+            pid: child.id(),
+            signal: libc::SIGQUIT,
+        });
         self.child = Some(child);
         let port = self.port;
         let isready = self.bindir.join("pg_isready");
@@ -228,7 +258,10 @@ impl Postgres {
 
     /// A connection URL for `database` as the superuser.
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://postgres:{}@127.0.0.1:{}/{database}", self.password, self.port)
+        format!(
+            "postgres://postgres:{}@127.0.0.1:{}/{database}",
+            self.password, self.port
+        )
     }
 
     /// The postmaster's process id.
@@ -288,7 +321,10 @@ pub fn pg_bindir() -> io::Result<PathBuf> {
         .collect();
     versions.sort();
     versions.pop().map(|(_, bin)| bin).ok_or_else(|| {
-        io::Error::new(io::ErrorKind::NotFound, "no PostgreSQL server found: run scripts/install-deps or set PG_BINDIR")
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "no PostgreSQL server found: run scripts/install-deps or set PG_BINDIR",
+        )
     })
 }
 
@@ -300,7 +336,10 @@ fn postgres_owner() -> io::Result<Option<(u32, u32)>> {
     let name = c"postgres";
     let entry = unsafe { libc::getpwnam(name.as_ptr()) };
     if entry.is_null() {
-        return Err(io::Error::new(io::ErrorKind::NotFound, "running as root but there is no 'postgres' user to run PostgreSQL as"));
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            "running as root but there is no 'postgres' user to run PostgreSQL as",
+        ));
     }
     let (uid, gid) = unsafe { ((*entry).pw_uid, (*entry).pw_gid) };
     Ok(Some((uid, gid)))
@@ -340,7 +379,10 @@ impl Broker {
 
     fn launch(&mut self) -> io::Result<()> {
         let binary = tansu_binary()?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("tansu.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("tansu.log"))?;
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let child = Command::new(&binary)
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
@@ -350,7 +392,10 @@ impl Broker {
             .stderr(log)
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start {}: {e}", binary.display())))?;
-        register(Cleanup::Process { pid: child.id(), signal: libc::SIGKILL });
+        register(Cleanup::Process {
+            pid: child.id(),
+            signal: libc::SIGKILL,
+        });
         self.child = Some(child);
         let port = self.port;
         wait_until(Duration::from_secs(30), "tansu to listen", || port_open(port))
@@ -407,11 +452,16 @@ pub fn tansu_binary() -> io::Result<PathBuf> {
     if local.exists() {
         return Ok(local);
     }
-    let on_path = std::env::var_os("PATH").into_iter().flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>());
     for dir in on_path {
         if dir.join("tansu").exists() {
             return Ok(dir.join("tansu"));
         }
     }
-    Err(io::Error::new(io::ErrorKind::NotFound, "no tansu binary: run scripts/install-deps or set TANSU_BIN"))
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        "no tansu binary: run scripts/install-deps or set TANSU_BIN",
+    ))
 }
