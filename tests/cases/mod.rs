@@ -1,4 +1,5 @@
 mod delivery;
+mod documentation;
 mod faults;
 mod large_transaction;
 mod startup_errors;

@@ -1,0 +1,60 @@
+//! README.md and docker-compose.yml name exactly the settings the code has.
+
+use std::collections::BTreeSet;
+
+use clap::CommandFactory;
+use outbox_relay::config::Cli;
+
+/// Logging filter read by tracing-subscriber, not by clap.
+const NOT_FLAGS: [&str; 1] = ["OUTBOX_RELAY_LOG"];
+
+/// (long flag, environment variable) of every setting, across subcommands.
+fn settings() -> BTreeSet<(String, String)> {
+    let mut found = BTreeSet::new();
+    let mut commands = vec![Cli::command()];
+    while let Some(command) = commands.pop() {
+        for arg in command.get_arguments() {
+            if let (Some(long), Some(env)) = (arg.get_long(), arg.get_env()) {
+                found.insert((format!("--{long}"), env.to_string_lossy().into_owned()));
+            }
+        }
+        commands.extend(command.get_subcommands().cloned());
+    }
+    found
+}
+
+fn environment_names_in(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("OUTBOX_RELAY_") || word == "DATABASE_URL" || word == "KAFKA_BOOTSTRAP_SERVERS" {
+            names.insert(word.to_owned());
+        }
+    }
+    names
+}
+
+fn read(file: &str) -> String {
+    std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+#[test]
+fn readme_lists_every_setting_with_its_flag_and_variable() {
+    let readme = read("README.md");
+    for (flag, env) in settings() {
+        assert!(readme.contains(&format!("`{flag}")), "README.md does not list {flag}");
+        assert!(readme.contains(&format!("`{env}`")), "README.md does not list {env}");
+    }
+}
+
+#[test]
+fn docs_and_compose_name_no_setting_the_code_lacks() {
+    let known: BTreeSet<String> = settings().into_iter().map(|(_, env)| env).collect();
+    for file in ["README.md", "docker-compose.yml", "docs/architecture.md"] {
+        for name in environment_names_in(&read(file)) {
+            assert!(
+                known.contains(&name) || NOT_FLAGS.contains(&name.as_str()),
+                "{file} names {name}, which outbox-relay does not read"
+            );
+        }
+    }
+}
