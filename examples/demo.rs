@@ -18,7 +18,10 @@ use tokio_postgres::NoTls;
 /// The relay binary built beside this example (target/release/outbox-relay).
 fn relay_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(|p| p.parent()).expect("target dir").join("outbox-relay")
+    exe.parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .join("outbox-relay")
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -61,7 +64,9 @@ async fn main() {
     let (mut client, connection) = tokio_postgres::connect(&database_url, NoTls).await.expect("connect");
     tokio::spawn(connection);
     client
-        .batch_execute("CREATE TABLE IF NOT EXISTS orders (id text PRIMARY KEY, customer text NOT NULL, total numeric NOT NULL)")
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS orders (id text PRIMARY KEY, customer text NOT NULL, total numeric NOT NULL)",
+        )
         .await
         .expect("create orders");
     let run = std::process::id();

@@ -53,7 +53,9 @@ async fn reached(client: &Client, slot: &str, target: &str) -> bool {
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|t| t.parse::<f64>().ok()).sum());
+    let ticks: f64 = fields
+        .get(11..13)
+        .map_or(0.0, |f| f.iter().filter_map(|t| t.parse::<f64>().ok()).sum());
     ticks / 100.0
 }
 
@@ -92,7 +94,11 @@ async fn main() {
     };
     let run = std::process::id();
     let database = format!("bench_{run}");
-    connect(&admin_url).await.batch_execute(&format!("CREATE DATABASE {database}")).await.expect("db");
+    connect(&admin_url)
+        .await
+        .batch_execute(&format!("CREATE DATABASE {database}"))
+        .await
+        .expect("db");
     let url = match admin_url.rsplit_once('/') {
         Some((base, _)) => format!("{base}/{database}"),
         None => panic!("DATABASE_URL must name a database"),
@@ -108,7 +114,10 @@ async fn main() {
         .expect("setup");
     assert!(status.success());
     client
-        .query_one("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&reader_slot])
+        .query_one(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&reader_slot],
+        )
         .await
         .expect("second slot");
 
@@ -123,7 +132,11 @@ async fn main() {
         ))
         .await
         .expect("backlog");
-    let target: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
+    let target: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
     println!(
         "backlog: {events} single-row transactions written in {:.1} s, WAL up to {target}",
         started.elapsed().as_secs_f64()
@@ -154,7 +167,17 @@ async fn main() {
     let bindir = devrig::pg_bindir().expect("PostgreSQL bin dir");
     let started = Instant::now();
     let status = Command::new(bindir.join("pg_recvlogical"))
-        .args(["-d", &url, "--slot", reader_slot, "--start", "-f", "/dev/null", "-o", "proto_version=1"])
+        .args([
+            "-d",
+            &url,
+            "--slot",
+            reader_slot,
+            "--start",
+            "-f",
+            "/dev/null",
+            "-o",
+            "proto_version=1",
+        ])
         .args(["-o", "publication_names=outbox_pub", "--no-loop", "-E", &target])
         .stderr(Stdio::null())
         .status()
@@ -173,5 +196,8 @@ async fn main() {
         events as f64 / reader_secs
     );
     println!("ratio outbox-relay / pg_recvlogical: {:.2}", reader_secs / relay_secs);
-    println!("slot {relay_slot} confirmed at {}", confirmed(&client, relay_slot).await);
+    println!(
+        "slot {relay_slot} confirmed at {}",
+        confirmed(&client, relay_slot).await
+    );
 }

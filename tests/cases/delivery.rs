@@ -170,8 +170,11 @@ async fn exactly_the_committed_events_arrive_in_commit_order_per_key() {
     assert_eq!(unique.len(), committed.len(), "unexpected ids");
     assert_eq!(received.len(), unique.len(), "duplicates in a run without faults");
     assert_commit_order_per_key(&consumer.records);
-    let partitions: HashSet<(String, i32)> =
-        consumer.records.iter().map(|r| (r.topic.clone(), r.partition)).collect();
+    let partitions: HashSet<(String, i32)> = consumer
+        .records
+        .iter()
+        .map(|r| (r.topic.clone(), r.partition))
+        .collect();
     assert!(partitions.len() > 2, "54 keys used only {partitions:?}");
     db.drop().await;
 }

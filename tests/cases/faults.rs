@@ -145,3 +145,46 @@ async fn sigterm_confirms_what_was_acknowledged_and_exits_zero() {
     assert_commit_order_per_key(&consumer.records);
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_replication_connection_is_resumed() {
+    let db = TestDb::new("reconnect").await;
+    let relay = db.relay();
+    let mut ids = HashSet::new();
+    for i in 0..100 {
+        ids.insert(db.insert_event("order", &format!("k{}", i % 4), "{}").await);
+    }
+    let mut consumer = Consumer::new(&db.bootstrap_servers, &[db.topic("order")]);
+    consumer.read_until(Duration::from_secs(60), "the first events", |records| {
+        records.len() >= 100
+    });
+
+    // Kill the walsender serving the relay, as a network cut or a failover would.
+    let terminated: bool = db
+        .client
+        .query_one(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.slot],
+        )
+        .await
+        .unwrap()
+        .get::<_, Option<bool>>(0)
+        .unwrap_or(false);
+    assert!(terminated, "no walsender to terminate");
+    for i in 0..100 {
+        ids.insert(db.insert_event("order", &format!("k{}", i % 4), "{}").await);
+    }
+    consumer.read_until(Duration::from_secs(60), "every event after the reconnect", |records| {
+        records.iter().map(Record::id).collect::<HashSet<_>>() == ids
+    });
+    db.wait_confirmed(db.current_wal_lsn().await, Duration::from_secs(30))
+        .await;
+    assert!(
+        relay
+            .log_text()
+            .contains("resuming from the last acknowledged position"),
+        "{}",
+        relay.log_text()
+    );
+    db.drop().await;
+}
