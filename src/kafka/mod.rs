@@ -2,6 +2,7 @@
 //! deliveries in flight.
 
 pub mod errors;
+pub mod partitioner;
 pub mod pipeline;
 pub mod producer;
 
