@@ -1,4 +1,5 @@
-//! Wires the parts together: slot → decoder → mapper → Kafka pipeline → progress → slot.
+//! Wires the parts together: slot → decoder → mapper → fence → Kafka pipeline → progress
+//! → slot.
 //!
 //! One session is one replication connection. Within it a single biased `select!` loop
 //! reads the stream while the window of events in flight has room, and turns broker
@@ -6,19 +7,24 @@
 //! after a lost connection it waits for the events already handed to Kafka, then starts
 //! the next session at the newest position whose events are all acknowledged.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::config::RunArgs;
+use crate::config::{Delivery, OnPoison, RunArgs, SlotBusy};
+use crate::dead_letter::DeadLetter;
 use crate::error::RelayError;
-use crate::kafka::{Acked, ErrorClass, Pipeline, Producer, ProducerSettings, SubmitError};
+use crate::kafka::{Acked, ErrorClass, Failure, Fence, Pipeline, Producer, ProducerSettings, SubmitError, TopicId};
 use crate::lsn::Lsn;
 use crate::outbox::{ColumnNames, Mapper, OutboxEvent, SourcePosition, TopicTemplate};
 use crate::postgres::connection::Database;
-use crate::postgres::pgoutput::Message;
+use crate::postgres::pgoutput::{Insert, Message};
 use crate::postgres::slot;
 use crate::postgres::stream::{ReplicationStream, StreamError, StreamEvent};
 use crate::progress::{Progress, TxnId};
 use crate::shutdown::Shutdown;
+
+/// How often a standby relay asks for the slot while another process holds it.
+const SLOT_RETRY: Duration = Duration::from_secs(1);
 
 /// Everything `run` needs, validated.
 #[derive(Debug, Clone)]
@@ -28,6 +34,10 @@ pub struct RelaySettings {
     pub publication: String,
     pub producer: ProducerSettings,
     pub template: TopicTemplate,
+    pub delivery: Delivery,
+    pub on_poison: OnPoison,
+    pub dead_letter_topic: String,
+    pub slot_busy: SlotBusy,
     pub max_in_flight: usize,
     pub shutdown_timeout: Duration,
     pub reconnect_backoff_max: Duration,
@@ -35,6 +45,9 @@ pub struct RelaySettings {
 
 impl RelaySettings {
     pub fn from_args(args: &RunArgs) -> Result<Self, RelayError> {
+        let dead_letter_topic = TopicTemplate::parse(&args.dead_letter_topic)
+            .map_err(|e| RelayError::Config(format!("--dead-letter-topic: {e}")))?;
+        drop(dead_letter_topic);
         Ok(RelaySettings {
             database: Database::parse(&args.postgres.database_url)?,
             slot: args.postgres.slot.clone(),
@@ -45,24 +58,47 @@ impl RelaySettings {
             },
             template: TopicTemplate::parse(&args.kafka.topic_template)
                 .map_err(|e| RelayError::Config(e.to_string()))?,
+            delivery: args.delivery,
+            on_poison: args.on_poison,
+            dead_letter_topic: args.dead_letter_topic.clone(),
+            slot_busy: args.slot_busy,
             max_in_flight: args.max_in_flight as usize,
             shutdown_timeout: args.shutdown_timeout,
             reconnect_backoff_max: args.reconnect_backoff_max,
         })
+    }
+
+    /// The `outbox.source` of this relay's records: database and slot.
+    pub fn source(&self) -> String {
+        format!("{}/{}", self.database.dbname(), self.slot)
     }
 }
 
 /// Streams until `shutdown` fires (`Ok`) or a definite error (`Err`).
 pub async fn run(settings: RelaySettings, shutdown: Shutdown) -> Result<(), RelayError> {
     let producer = Producer::new(&settings.producer).map_err(|e| RelayError::Config(e.to_string()))?;
-    let mapper = Mapper::new(settings.template.clone(), ColumnNames::default());
+    let source = settings.source();
+    let mapper = Mapper::new(settings.template.clone(), ColumnNames::default(), &source);
+    let exactly_once = settings.delivery == Delivery::ExactlyOnce;
+    let fence = Fence::new(producer.clone(), &settings.producer, source, exactly_once);
     let mut relay = Relay {
         settings,
         pipeline: Pipeline::new(producer),
         mapper,
+        fence,
         progress: None,
+        poisoned: VecDeque::new(),
+        counts: Counts::default(),
     };
-    relay.run(shutdown).await
+    let result = relay.run(shutdown).await;
+    let c = relay.counts;
+    tracing::info!(
+        published = c.published,
+        skipped_as_already_written = c.skipped,
+        dead_lettered = c.dead_lettered,
+        "totals"
+    );
+    result
 }
 
 /// Whose record an acknowledgement is for.
@@ -71,6 +107,9 @@ struct EventTag {
     txn: TxnId,
     id: String,
     position: SourcePosition,
+    topic: TopicId,
+    partition: i32,
+    dead_letter: bool,
 }
 
 /// The transaction being read: where its events stand and how many it has so far.
@@ -79,6 +118,13 @@ struct OpenTxn {
     id: TxnId,
     commit_lsn: Lsn,
     next_index: u32,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    published: u64,
+    skipped: u64,
+    dead_lettered: u64,
 }
 
 /// How a session ended, when it did not end with a definite error.
@@ -114,8 +160,12 @@ struct Relay {
     settings: RelaySettings,
     pipeline: Pipeline<EventTag>,
     mapper: Mapper,
+    fence: Fence,
     /// Set when the first session starts; kept across sessions.
     progress: Option<Progress>,
+    /// Records Kafka refused for good, waiting to be dead-lettered (or to halt the relay).
+    poisoned: VecDeque<(EventTag, Failure)>,
+    counts: Counts,
 }
 
 impl Relay {
@@ -125,6 +175,7 @@ impl Relay {
         // definite error (a wrong host or port should say so, not retry forever);
         // afterwards it is an outage to ride out.
         let mut streamed_once = false;
+        let mut waiting_since: Option<std::time::Instant> = None;
         loop {
             if shutdown.is_triggered() {
                 return Ok(());
@@ -157,9 +208,19 @@ impl Relay {
             };
             let mut stream = match started {
                 Ok(stream) => stream,
-                Err(error @ StreamError::SlotInUse { .. }) => {
-                    tracing::info!(slot = %self.settings.slot, %error, "waiting for slot");
-                    backoff.wait(&mut shutdown).await;
+                Err(StreamError::SlotInUse { slot, detail }) => {
+                    if self.settings.slot_busy == SlotBusy::Exit {
+                        return Err(RelayError::SlotBusy { slot, detail });
+                    }
+                    if waiting_since.is_none() {
+                        tracing::info!(%slot, %detail, "waiting for slot: another process holds it; taking over when it is released");
+                        waiting_since = Some(std::time::Instant::now());
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.wait() => return Ok(()),
+                        _ = tokio::time::sleep(SLOT_RETRY) => {}
+                    }
                     continue;
                 }
                 Err(error) if error.is_transient() && !streamed_once => return Err(error.into()),
@@ -172,6 +233,9 @@ impl Relay {
             };
             backoff.reset();
             streamed_once = true;
+            if let Some(since) = waiting_since.take() {
+                tracing::info!(waited_ms = since.elapsed().as_millis() as u64, "took over the slot");
+            }
             tracing::info!(slot = %self.settings.slot, publication = %self.settings.publication, start = %start, "streaming");
 
             match self.pump(&mut stream, &mut shutdown).await {
@@ -180,8 +244,9 @@ impl Relay {
                         in_flight = self.pipeline.len(),
                         "shutting down: waiting for acknowledgements"
                     );
-                    let end = self.stop_session(stream, self.settings.shutdown_timeout).await;
-                    return end.map(|confirmed| tracing::info!(%confirmed, "stopped"));
+                    let confirmed = self.stop_session(stream, self.settings.shutdown_timeout).await;
+                    tracing::info!(%confirmed, "stopped");
+                    return Ok(());
                 }
                 Ok(SessionEnd::Restart(reason)) | Err(SessionError::Restart(reason)) => {
                     tracing::warn!(%reason, in_flight = self.pipeline.len(), "replication session ended; resuming from the last acknowledged position");
@@ -189,6 +254,7 @@ impl Relay {
                     if self.drain(None, &mut shutdown).await.is_err() {
                         return Ok(());
                     }
+                    self.poisoned.clear();
                     if let Some(progress) = self.progress.as_mut() {
                         progress.restart_stream();
                     }
@@ -197,7 +263,7 @@ impl Relay {
                 Err(SessionError::Stop(error)) => {
                     tracing::error!(%error, in_flight = self.pipeline.len(), "stopping");
                     // Confirm what was acknowledged before the failure, nothing after it.
-                    let _ = self.stop_session(stream, self.settings.shutdown_timeout).await;
+                    self.stop_session(stream, self.settings.shutdown_timeout).await;
                     return Err(error);
                 }
             }
@@ -250,6 +316,9 @@ impl Relay {
     ) -> Result<SessionEnd, SessionError> {
         let mut open: Option<OpenTxn> = None;
         loop {
+            if !self.poisoned.is_empty() {
+                self.handle_poisoned(stream).await?;
+            }
             let has_room = self.pipeline.len() < self.settings.max_in_flight;
             tokio::select! {
                 biased;
@@ -257,7 +326,7 @@ impl Relay {
                 _ = shutdown.wait() => return Ok(SessionEnd::Shutdown),
                 // Acknowledgements before reads: they free the window and move the LSN.
                 Some(ack) = self.pipeline.next_ack(), if !self.pipeline.is_empty() => {
-                    self.on_ack(ack, Some(stream))?;
+                    self.settle(ack, Some(stream))?;
                 }
                 // Read only while the window has room: this bounds memory, and TCP
                 // backpressure then slows the walsender. Cancel-safe.
@@ -314,9 +383,8 @@ impl Relay {
                     index: txn.next_index,
                 };
                 txn.next_index += 1;
-                let txn_id = txn.id;
-                let event = self.mapper.map(&insert, position).map_err(RelayError::from)?;
-                self.submit(event, txn_id, stream).await?;
+                let txn = txn.id;
+                self.on_insert(&insert, position, txn, stream).await?;
             }
             // Logical messages, other tables' changes, types and origins carry no events.
             Message::Logical(_)
@@ -329,29 +397,116 @@ impl Relay {
         Ok(())
     }
 
-    /// Hands one event to Kafka, waiting for room in librdkafka's queue if it is full.
-    async fn submit(&mut self, event: OutboxEvent, txn: TxnId, stream: &ReplicationStream) -> Result<(), SessionError> {
+    async fn on_insert(
+        &mut self,
+        insert: &Insert,
+        position: SourcePosition,
+        txn: TxnId,
+        stream: &ReplicationStream,
+    ) -> Result<(), SessionError> {
+        let event = match self.mapper.map(insert, position) {
+            Ok(event) => event,
+            Err(error) => {
+                tracing::warn!(%error, "outbox row cannot be published");
+                let (key, payload) = self.mapper.salvage(insert);
+                return self
+                    .dead_letter(DeadLetter::from_mapping(&error, key, payload), txn, stream)
+                    .await;
+            }
+        };
+        let route = match self.fence.route(&event.topic, &event.key, position) {
+            Ok(route) => route,
+            Err(error) if error.class == ErrorClass::Transient => return Err(SessionError::Restart(error.to_string())),
+            Err(error) => {
+                let letter = DeadLetter::from_event(&event, error.class, error.to_string());
+                return self.dead_letter(letter, txn, stream).await;
+            }
+        };
+        if route.already_written {
+            self.counts.skipped += 1;
+            return Ok(());
+        }
+        match self
+            .submit(&event, route.topic, route.partition, txn, false, stream)
+            .await?
+        {
+            None => Ok(()),
+            Some((ErrorClass::Fatal, reason)) => Err(DeadLetter::from_event(&event, ErrorClass::Fatal, reason)
+                .into_halt_error()
+                .into()),
+            Some((class, reason)) => {
+                self.dead_letter(DeadLetter::from_event(&event, class, reason), txn, stream)
+                    .await
+            }
+        }
+    }
+
+    /// Sends an event that can never be published to the dead-letter topic, or stops the
+    /// relay (`--on-poison halt`, or when the dead-letter topic refuses it too).
+    async fn dead_letter(
+        &mut self,
+        letter: DeadLetter,
+        txn: TxnId,
+        stream: &ReplicationStream,
+    ) -> Result<(), SessionError> {
+        if self.settings.on_poison == OnPoison::Halt {
+            return Err(letter.into_halt_error().into());
+        }
+        tracing::warn!(id = letter.id.as_deref().unwrap_or(""), commit_lsn = %letter.position.commit_lsn, index = letter.position.index, reason = %letter.reason, topic = %self.settings.dead_letter_topic, "dead-lettering event");
+        let event = letter
+            .clone()
+            .into_event(&self.settings.dead_letter_topic, self.fence.source());
+        let route = match self.fence.route(&event.topic, &event.key, event.position) {
+            Ok(route) => route,
+            Err(error) if error.class == ErrorClass::Transient => return Err(SessionError::Restart(error.to_string())),
+            Err(error) => return Err(dead_letter_refused(letter, &error.to_string())),
+        };
+        if route.already_written {
+            self.counts.skipped += 1;
+            return Ok(());
+        }
+        match self
+            .submit(&event, route.topic, route.partition, txn, true, stream)
+            .await?
+        {
+            None => {
+                self.counts.dead_lettered += 1;
+                Ok(())
+            }
+            Some((_, reason)) => Err(dead_letter_refused(letter, &reason)),
+        }
+    }
+
+    /// Hands one record to Kafka, waiting for room in librdkafka's queue if it is full.
+    /// Returns the class and reason if Kafka refused it for good before queueing.
+    async fn submit(
+        &mut self,
+        event: &OutboxEvent,
+        topic: TopicId,
+        partition: i32,
+        txn: TxnId,
+        dead_letter: bool,
+        stream: &ReplicationStream,
+    ) -> Result<Option<(ErrorClass, String)>, SessionError> {
         loop {
             let tag = EventTag {
                 txn,
                 id: event.id.clone(),
                 position: event.position,
+                topic,
+                partition,
+                dead_letter,
             };
-            match self.pipeline.submit(&event, tag) {
+            match self.pipeline.submit(event, partition, tag) {
                 Ok(()) => {
                     self.progress()?.event_sent(txn);
-                    return Ok(());
+                    return Ok(None);
                 }
                 Err(SubmitError::QueueFull) => match self.pipeline.next_ack().await {
-                    Some(ack) => self.on_ack(ack, Some(stream))?,
+                    Some(ack) => self.settle(ack, Some(stream))?,
                     None => {
-                        return Err(delivery_error(
-                            &event.id,
-                            event.position,
-                            ErrorClass::Poison,
-                            "the record alone exceeds the producer's queue (queue.buffering.max.kbytes)",
-                        )
-                        .into());
+                        let reason = "the record alone exceeds the producer's queue (queue.buffering.max.kbytes)";
+                        return Ok(Some((ErrorClass::Poison, reason.into())));
                     }
                 },
                 Err(SubmitError::Refused {
@@ -363,29 +518,60 @@ impl Relay {
                         event.id
                     )));
                 }
-                Err(SubmitError::Refused { class, error }) => {
-                    return Err(delivery_error(&event.id, event.position, class, &error.to_string()).into());
-                }
+                Err(SubmitError::Refused { class, error }) => return Ok(Some((class, error.to_string()))),
             }
         }
     }
 
-    fn on_ack(&mut self, ack: Acked<EventTag>, stream: Option<&ReplicationStream>) -> Result<(), SessionError> {
+    /// Accounts for one acknowledgement. A record refused for good is queued for
+    /// [`handle_poisoned`](Self::handle_poisoned); its transaction stays unconfirmed.
+    fn settle(&mut self, ack: Acked<EventTag>, stream: Option<&ReplicationStream>) -> Result<(), SessionError> {
+        let tag = ack.tag;
         match ack.result {
             Ok(_) => {
-                if let Some(lsn) = self.progress()?.acked(ack.tag.txn) {
+                self.fence.written(tag.topic, tag.partition, tag.position);
+                if !tag.dead_letter {
+                    self.counts.published += 1;
+                }
+                if let Some(lsn) = self.progress()?.acked(tag.txn) {
                     if let Some(stream) = stream {
                         stream.confirm(lsn);
                     }
                 }
                 Ok(())
             }
-            Err((ErrorClass::Transient, error)) => Err(SessionError::Restart(format!(
-                "delivery of event id={} failed: {error}",
-                ack.tag.id
+            Err(failure) if failure.class == ErrorClass::Transient => Err(SessionError::Restart(format!(
+                "delivery of event id={} failed: {}",
+                tag.id, failure.error
             ))),
-            Err((class, error)) => Err(delivery_error(&ack.tag.id, ack.tag.position, class, &error.to_string()).into()),
+            Err(failure) if failure.class == ErrorClass::Fatal || tag.dead_letter => {
+                let letter =
+                    DeadLetter::from_record(None, &tag.id, tag.position, failure.class, failure.error.to_string());
+                if tag.dead_letter {
+                    Err(dead_letter_refused(letter, &failure.error.to_string()))
+                } else {
+                    Err(letter.into_halt_error().into())
+                }
+            }
+            Err(failure) => {
+                self.poisoned.push_back((tag, failure));
+                Ok(())
+            }
         }
+    }
+
+    /// Dead-letters records Kafka refused after queueing them, then counts the original
+    /// as done, so that its transaction waits for the dead-letter record's acknowledgement.
+    async fn handle_poisoned(&mut self, stream: &ReplicationStream) -> Result<(), SessionError> {
+        while let Some((tag, failure)) = self.poisoned.pop_front() {
+            let reason = failure.error.to_string();
+            let letter = DeadLetter::from_record(failure.record.as_ref(), &tag.id, tag.position, failure.class, reason);
+            self.dead_letter(letter, tag.txn, stream).await?;
+            if let Some(lsn) = self.progress()?.acked(tag.txn) {
+                stream.confirm(lsn);
+            }
+        }
+        Ok(())
     }
 
     /// Waits for acknowledgements of everything in flight, until `limit` passes or
@@ -401,7 +587,7 @@ impl Relay {
                 ack = self.pipeline.next_ack() => ack,
             };
             let Some(ack) = ack else { break };
-            match self.on_ack(ack, None) {
+            match self.settle(ack, None) {
                 Ok(()) => {}
                 Err(SessionError::Stop(error)) => tracing::warn!(%error, "event not acknowledged while draining"),
                 Err(SessionError::Restart(reason)) => tracing::warn!(%reason, "event not acknowledged while draining"),
@@ -410,9 +596,8 @@ impl Relay {
         Ok(())
     }
 
-    /// Drains (bounded), reports the final confirmed LSN, ends the stream, and makes
-    /// sure the slot has it.
-    async fn stop_session(&mut self, stream: ReplicationStream, limit: Duration) -> Result<Lsn, RelayError> {
+    /// Drains (bounded), reports the final confirmed LSN and ends the stream.
+    async fn stop_session(&mut self, stream: ReplicationStream, limit: Duration) -> Lsn {
         let (_never, mut no_shutdown) = crate::shutdown::channel();
         if self.drain(Some(limit), &mut no_shutdown).await.is_err() {
             tracing::warn!(
@@ -422,18 +607,16 @@ impl Relay {
         }
         let confirmed = self.progress.as_ref().map_or(Lsn::ZERO, Progress::confirmed);
         stream.finish(confirmed, Duration::from_secs(2)).await;
-        Ok(confirmed)
+        confirmed
     }
 }
 
-fn delivery_error(id: &str, position: SourcePosition, class: ErrorClass, reason: &str) -> RelayError {
-    RelayError::Delivery {
-        id: id.to_owned(),
-        commit_lsn: position.commit_lsn,
-        index: position.index,
-        class,
-        reason: reason.to_owned(),
+fn dead_letter_refused(letter: DeadLetter, reason: &str) -> SessionError {
+    let mut error = letter.into_halt_error();
+    if let RelayError::Delivery { reason: text, .. } = &mut error {
+        *text = format!("{text}; the dead-letter topic refused it too: {reason}");
     }
+    SessionError::Stop(error)
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -81,6 +81,25 @@ pub struct RunArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
+    /// exactly-once: after a restart, events an earlier run already wrote are skipped;
+    /// at-least-once: they may be published again.
+    #[arg(long, env = "OUTBOX_RELAY_DELIVERY", value_enum, default_value_t = Delivery::ExactlyOnce)]
+    pub delivery: Delivery,
+
+    /// What to do with an event that can never be published: send it to the dead-letter
+    /// topic and go on, or stop without confirming past it.
+    #[arg(long, env = "OUTBOX_RELAY_ON_POISON", value_enum, default_value_t = OnPoison::DeadLetter)]
+    pub on_poison: OnPoison,
+
+    /// Topic for events that can never be published (with --on-poison dead-letter).
+    #[arg(long, env = "OUTBOX_RELAY_DEAD_LETTER_TOPIC", default_value = "outbox.dlq")]
+    pub dead_letter_topic: String,
+
+    /// When another process holds the slot: wait and take over when it is released
+    /// (hot standby), or exit with code 5.
+    #[arg(long, env = "OUTBOX_RELAY_SLOT_BUSY", value_enum, default_value_t = SlotBusy::Wait)]
+    pub slot_busy: SlotBusy,
+
     /// Most events handed to Kafka and not yet acknowledged; reading pauses at this bound.
     #[arg(long, env = "OUTBOX_RELAY_MAX_IN_FLIGHT", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
@@ -92,6 +111,24 @@ pub struct RunArgs {
     /// Longest wait between attempts to reconnect to PostgreSQL.
     #[arg(long, env = "OUTBOX_RELAY_RECONNECT_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
     pub reconnect_backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Delivery {
+    ExactlyOnce,
+    AtLeastOnce,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnPoison {
+    DeadLetter,
+    Halt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SlotBusy {
+    Wait,
+    Exit,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -37,13 +37,17 @@ pub enum RelayError {
     Protocol(String),
     #[error("{0}")]
     Unreachable(String),
+    #[error("replication slot {slot:?} is held by another process and --slot-busy=exit: {detail}")]
+    SlotBusy { slot: String, detail: String },
 }
 
 impl RelayError {
     /// 2: configuration or usage; 3: slot or publication missing or unusable;
-    /// 4: a row or record that cannot be published; 1: anything else.
+    /// 4: a row or record that cannot be published; 5: the slot is held by another
+    /// process; 1: anything else.
     pub fn exit_code(&self) -> u8 {
         match self {
+            RelayError::SlotBusy { .. } => 5,
             RelayError::Config(_) | RelayError::Url(_) => 2,
             RelayError::Slot(_) => 3,
             RelayError::Mapping(_) | RelayError::Delivery { .. } => 4,

@@ -17,6 +17,7 @@
 
 pub mod app;
 pub mod config;
+pub mod dead_letter;
 pub mod error;
 pub mod kafka;
 pub mod lsn;

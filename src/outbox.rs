@@ -22,6 +22,9 @@ pub const HEADER_AGGREGATE_TYPE: &str = "aggregate_type";
 pub const HEADER_COMMIT_LSN: &str = "outbox.commit_lsn";
 /// Header carrying the row's index (from 0) among the events of its transaction.
 pub const HEADER_TX_INDEX: &str = "outbox.tx_index";
+/// Header naming where the event came from (`<database>/<slot>`), so that exactly-once
+/// publishing only compares positions from the same source.
+pub const HEADER_SOURCE: &str = "outbox.source";
 
 /// Where an event sits in the source: its transaction's commit LSN and its index there.
 /// Unique per event and ordered like the commit order.
@@ -176,15 +179,18 @@ struct Layout {
 pub struct Mapper {
     template: TopicTemplate,
     names: ColumnNames,
+    source: Bytes,
     /// Keyed by table OID; an `Err` says which column the table lacks.
     layouts: HashMap<u32, Result<Layout, String>>,
 }
 
 impl Mapper {
-    pub fn new(template: TopicTemplate, names: ColumnNames) -> Self {
+    /// `source` is the value of every record's `outbox.source` header.
+    pub fn new(template: TopicTemplate, names: ColumnNames, source: &str) -> Self {
         Mapper {
             template,
             names,
+            source: Bytes::copy_from_slice(source.as_bytes()),
             layouts: HashMap::new(),
         }
     }
@@ -262,7 +268,7 @@ impl Mapper {
             .clone();
         let topic = self.template.render(aggregate_type, event_type).map_err(with_id)?;
 
-        let mut headers = Vec::with_capacity(5);
+        let mut headers = Vec::with_capacity(6);
         if let Some(index) = layout.headers {
             if let Some(json) = value(index).map_err(with_id)? {
                 extra_headers(json, &mut headers).map_err(with_id)?;
@@ -285,6 +291,7 @@ impl Mapper {
             HEADER_TX_INDEX.to_owned(),
             Some(Bytes::from(position.index.to_string())),
         ));
+        headers.push((HEADER_SOURCE.to_owned(), Some(self.source.clone())));
 
         Ok(OutboxEvent {
             id,
@@ -294,6 +301,21 @@ impl Mapper {
             headers,
             position,
         })
+    }
+}
+
+impl Mapper {
+    /// What can still be read from a row that could not be mapped: its key and payload
+    /// (for the dead-letter record).
+    pub fn salvage(&self, insert: &Insert) -> (Option<Bytes>, Option<Bytes>) {
+        let Some(Ok(layout)) = self.layouts.get(&insert.relation_id) else {
+            return (None, None);
+        };
+        let text = |index: usize| match insert.tuple.get(index) {
+            Some(Value::Text(bytes)) => Some(bytes.clone()),
+            _ => None,
+        };
+        (text(layout.aggregate_id), text(layout.payload))
     }
 }
 
@@ -336,6 +358,7 @@ mod tests {
         let mut mapper = Mapper::new(
             TopicTemplate::parse("outbox.event.{aggregate_type}").unwrap_or_else(|e| panic!("{e}")),
             ColumnNames::default(),
+            "app/outbox_relay",
         );
         let Ok(Message::Relation(relation)) = decode(&Bytes::from(build::relation(1, "outbox", &COLUMNS))) else {
             panic!("relation did not decode");
@@ -383,6 +406,10 @@ mod tests {
         assert_eq!(header("aggregate_type"), Some(Some(Bytes::from_static(b"order"))));
         assert_eq!(header("outbox.commit_lsn"), Some(Some(Bytes::from_static(b"1/A0"))));
         assert_eq!(header("outbox.tx_index"), Some(Some(Bytes::from_static(b"3"))));
+        assert_eq!(
+            header("outbox.source"),
+            Some(Some(Bytes::from_static(b"app/outbox_relay")))
+        );
         assert_eq!(header("traceparent"), Some(Some(Bytes::from_static(b"00-ab"))));
         assert_eq!(header("n"), Some(Some(Bytes::from_static(b"1"))));
         assert_eq!(header("gone"), Some(None));

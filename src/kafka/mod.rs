@@ -2,10 +2,12 @@
 //! deliveries in flight.
 
 pub mod errors;
+pub mod fence;
 pub mod partitioner;
 pub mod pipeline;
 pub mod producer;
 
 pub use errors::{classify, ErrorClass};
-pub use pipeline::{Acked, Pipeline, SubmitError};
+pub use fence::{Fence, FenceError, Route, TopicId};
+pub use pipeline::{Acked, Failure, Pipeline, SubmitError};
 pub use producer::{Producer, ProducerSettings};

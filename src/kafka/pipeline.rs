@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::KafkaError;
+use rdkafka::message::OwnedMessage;
 use rdkafka::producer::DeliveryFuture;
 
 use super::errors::{classify, ErrorClass};
@@ -30,8 +31,17 @@ pub enum SubmitError {
 #[derive(Debug)]
 pub struct Acked<T> {
     pub tag: T,
-    /// Partition and offset, or the error and its class.
-    pub result: Result<(i32, i64), (ErrorClass, KafkaError)>,
+    /// Partition and offset, or why the record was not written.
+    pub result: Result<(i32, i64), Failure>,
+}
+
+/// A record that was not written, with the record itself when librdkafka returned it
+/// (so that it can be dead-lettered with its original bytes).
+#[derive(Debug)]
+pub struct Failure {
+    pub class: ErrorClass,
+    pub error: KafkaError,
+    pub record: Option<OwnedMessage>,
 }
 
 pub struct Pipeline<T> {
@@ -60,8 +70,8 @@ impl<T: Unpin> Pipeline<T> {
         self.in_flight.is_empty()
     }
 
-    pub fn submit(&mut self, event: &OutboxEvent, tag: T) -> Result<(), SubmitError> {
-        match self.producer.send(event) {
+    pub fn submit(&mut self, event: &OutboxEvent, partition: i32, tag: T) -> Result<(), SubmitError> {
+        match self.producer.send(event, partition) {
             Ok(delivery) => {
                 self.in_flight.push(Tagged {
                     tag: Some(tag),
@@ -103,9 +113,17 @@ impl<T: Unpin> Future for Tagged<T> {
         };
         let result = match outcome {
             Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
-            Ok(Err((error, _message))) => Err((classify(&error), error)),
+            Ok(Err((error, record))) => Err(Failure {
+                class: classify(&error),
+                error,
+                record: Some(record),
+            }),
             // The producer went away with the record: it may not be written.
-            Err(_canceled) => Err((ErrorClass::Transient, KafkaError::Canceled)),
+            Err(_canceled) => Err(Failure {
+                class: ErrorClass::Transient,
+                error: KafkaError::Canceled,
+                record: None,
+            }),
         };
         match this.tag.take() {
             Some(tag) => Poll::Ready(Acked { tag, result }),

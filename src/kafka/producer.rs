@@ -5,8 +5,9 @@
 //! - `message.timeout.ms=0` (no timeout): librdkafka retries a record through any broker
 //!   outage, with its capped backoff, instead of failing it after five minutes. A
 //!   delivery report therefore only ever carries a poison or fatal error by default.
-//! - `partitioner=murmur2_random`: the same key-to-partition mapping as Kafka's Java
-//!   client, so consumers and Kafka Streams apps co-partition as they expect.
+//! - Partitions are chosen by the relay (`kafka::partitioner`, murmur2 as Kafka's Java
+//!   client), so consumers and Kafka Streams apps co-partition as they expect;
+//!   `partitioner=murmur2_random` is set too, for any record sent without one.
 //!
 //! Users may set any other librdkafka property; the ones above cannot be weakened.
 
@@ -93,15 +94,21 @@ impl Producer {
         Ok(Producer { inner })
     }
 
-    /// Hands one record to librdkafka. Returns at once; the future resolves when the
-    /// broker acknowledged the record or it failed for good.
-    pub fn send(&self, event: &OutboxEvent) -> Result<DeliveryFuture, KafkaError> {
-        self.send_parts(&event.topic, &event.key, &event.payload, &event.headers)
+    /// The librdkafka client, for metadata.
+    pub fn inner(&self) -> &FutureProducer {
+        &self.inner
+    }
+
+    /// Hands one record for `partition` to librdkafka. Returns at once; the future
+    /// resolves when the broker acknowledged the record or it failed for good.
+    pub fn send(&self, event: &OutboxEvent, partition: i32) -> Result<DeliveryFuture, KafkaError> {
+        self.send_parts(&event.topic, partition, &event.key, &event.payload, &event.headers)
     }
 
     pub fn send_parts(
         &self,
         topic: &str,
+        partition: i32,
         key: &[u8],
         payload: &[u8],
         headers: &[(String, Option<Bytes>)],
@@ -113,7 +120,11 @@ impl Producer {
                 value: value.as_deref(),
             });
         }
-        let record = FutureRecord::to(topic).key(key).payload(payload).headers(kafka_headers);
+        let record = FutureRecord::to(topic)
+            .partition(partition)
+            .key(key)
+            .payload(payload)
+            .headers(kafka_headers);
         self.inner.send_result(record).map_err(|(error, _record)| error)
     }
 

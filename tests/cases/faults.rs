@@ -107,7 +107,7 @@ async fn a_relay_killed_mid_stream_loses_nothing_after_restart() {
         r.len() >= 500
     });
     relay.kill_hard();
-    let _restarted = db.relay();
+    let restarted = db.relay();
 
     let ids: HashSet<String> = writer.await.unwrap_or_else(|e| panic!("{e}")).into_iter().collect();
     consumer.read_until(Duration::from_secs(120), "every committed event", |records| {
@@ -122,6 +122,9 @@ async fn a_relay_killed_mid_stream_loses_nothing_after_restart() {
         consumer.records.len()
     );
     assert_eq!(unique, ids, "missing or unexpected events");
+    assert_eq!(duplicates, 0, "exactly-once publishing wrote duplicates");
+    assert_commit_order_per_key(&consumer.records);
+    drop(restarted);
     db.drop().await;
 }
 

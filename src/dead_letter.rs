@@ -1,0 +1,181 @@
+//! Builds the dead-letter record for an event that can never be published.
+//!
+//! The record keeps the original bytes (key, value, headers, as far as they could be
+//! formed) and adds headers that say what went wrong and where the event came from:
+//! `outbox.error`, `outbox.error_class`, `outbox.original_topic`, `id`,
+//! `outbox.commit_lsn`, `outbox.tx_index` and `outbox.source`.
+
+use bytes::Bytes;
+use rdkafka::message::{Headers, Message, OwnedMessage};
+
+use crate::error::RelayError;
+use crate::kafka::ErrorClass;
+use crate::outbox::{
+    MappingError, OutboxEvent, SourcePosition, HEADER_COMMIT_LSN, HEADER_ID, HEADER_SOURCE, HEADER_TX_INDEX,
+};
+
+/// Header with the reason the event could not be published.
+pub const HEADER_ERROR: &str = "outbox.error";
+/// Header with the class of that reason (`poison`).
+pub const HEADER_ERROR_CLASS: &str = "outbox.error_class";
+/// Header with the topic the event was meant for, when it could be formed.
+pub const HEADER_ORIGINAL_TOPIC: &str = "outbox.original_topic";
+
+/// An event on its way to the dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub id: Option<String>,
+    pub position: SourcePosition,
+    pub original_topic: Option<String>,
+    pub key: Option<Bytes>,
+    pub payload: Option<Bytes>,
+    pub headers: Vec<(String, Option<Bytes>)>,
+    pub class: ErrorClass,
+    pub reason: String,
+}
+
+impl DeadLetter {
+    /// A row that could not be turned into a record at all.
+    pub fn from_mapping(error: &MappingError, key: Option<Bytes>, payload: Option<Bytes>) -> Self {
+        DeadLetter {
+            id: error.id.clone(),
+            position: error.position,
+            original_topic: None,
+            key,
+            payload,
+            headers: Vec::new(),
+            class: ErrorClass::Poison,
+            reason: error.reason.clone(),
+        }
+    }
+
+    /// A record Kafka refused for good before it was queued (or its route failed).
+    pub fn from_event(event: &OutboxEvent, class: ErrorClass, reason: String) -> Self {
+        DeadLetter {
+            id: Some(event.id.clone()),
+            position: event.position,
+            original_topic: Some(event.topic.clone()),
+            key: Some(event.key.clone()),
+            payload: Some(event.payload.clone()),
+            headers: event.headers.clone(),
+            class,
+            reason,
+        }
+    }
+
+    /// A record Kafka refused for good after it was queued, as librdkafka returned it.
+    pub fn from_record(
+        record: Option<&OwnedMessage>,
+        id: &str,
+        position: SourcePosition,
+        class: ErrorClass,
+        reason: String,
+    ) -> Self {
+        let bytes = |b: Option<&[u8]>| b.map(Bytes::copy_from_slice);
+        DeadLetter {
+            id: Some(id.to_owned()),
+            position,
+            original_topic: record.map(|r| r.topic().to_owned()),
+            key: record.and_then(|r| bytes(r.key())),
+            payload: record.and_then(|r| bytes(r.payload())),
+            headers: record
+                .and_then(|r| r.headers())
+                .map(|headers| {
+                    headers
+                        .iter()
+                        .map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            class,
+            reason,
+        }
+    }
+
+    /// The record for the dead-letter `topic`.
+    pub fn into_event(self, topic: &str, source: &str) -> OutboxEvent {
+        let id = self.id.clone().unwrap_or_default();
+        let replaced = [HEADER_ID, HEADER_COMMIT_LSN, HEADER_TX_INDEX, HEADER_SOURCE];
+        let mut headers: Vec<(String, Option<Bytes>)> = self
+            .headers
+            .into_iter()
+            .filter(|(name, _)| !replaced.contains(&name.as_str()))
+            .collect();
+        headers.push((HEADER_ERROR.to_owned(), Some(Bytes::from(self.reason))));
+        headers.push((
+            HEADER_ERROR_CLASS.to_owned(),
+            Some(Bytes::from_static(self.class.as_str().as_bytes())),
+        ));
+        if let Some(original) = self.original_topic {
+            headers.push((HEADER_ORIGINAL_TOPIC.to_owned(), Some(Bytes::from(original))));
+        }
+        headers.push((HEADER_ID.to_owned(), Some(Bytes::from(id.clone()))));
+        headers.push((
+            HEADER_COMMIT_LSN.to_owned(),
+            Some(Bytes::from(self.position.commit_lsn.to_string())),
+        ));
+        headers.push((
+            HEADER_TX_INDEX.to_owned(),
+            Some(Bytes::from(self.position.index.to_string())),
+        ));
+        headers.push((
+            HEADER_SOURCE.to_owned(),
+            Some(Bytes::copy_from_slice(source.as_bytes())),
+        ));
+        OutboxEvent {
+            key: self.key.unwrap_or_else(|| Bytes::from(id.clone())),
+            payload: self.payload.unwrap_or_default(),
+            topic: topic.to_owned(),
+            id,
+            headers,
+            position: self.position,
+        }
+    }
+
+    /// The error that stops the relay when dead-lettering is off (or impossible).
+    pub fn into_halt_error(self) -> RelayError {
+        RelayError::Delivery {
+            id: self.id.unwrap_or_else(|| "<unknown>".into()),
+            commit_lsn: self.position.commit_lsn,
+            index: self.position.index,
+            class: self.class,
+            reason: self.reason,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lsn::Lsn;
+
+    #[test]
+    fn the_dead_letter_record_names_the_error_and_the_source_position() {
+        let error = MappingError {
+            id: Some("id-1".into()),
+            position: SourcePosition {
+                commit_lsn: Lsn(0x20),
+                index: 2,
+            },
+            reason: "column aggregate_id is NULL".into(),
+        };
+        let event =
+            DeadLetter::from_mapping(&error, None, Some(Bytes::from_static(b"{}"))).into_event("dlq", "db/slot");
+        let header = |name: &str| {
+            event
+                .headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| v.clone())
+        };
+        assert_eq!(event.topic, "dlq");
+        assert_eq!(event.payload, Bytes::from_static(b"{}"));
+        assert_eq!(event.key, Bytes::from_static(b"id-1"));
+        assert_eq!(header("id"), Some(Bytes::from_static(b"id-1")));
+        assert_eq!(header("outbox.commit_lsn"), Some(Bytes::from_static(b"0/20")));
+        assert_eq!(header("outbox.tx_index"), Some(Bytes::from_static(b"2")));
+        assert_eq!(header("outbox.error_class"), Some(Bytes::from_static(b"poison")));
+        assert_eq!(header("outbox.source"), Some(Bytes::from_static(b"db/slot")));
+        assert!(header("outbox.error").is_some_and(|e| e.starts_with(b"column")));
+    }
+}
