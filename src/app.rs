@@ -431,12 +431,17 @@ impl Relay {
             .await?
         {
             None => Ok(()),
-            Some((ErrorClass::Fatal, reason)) => Err(DeadLetter::from_event(&event, ErrorClass::Fatal, reason)
-                .into_halt_error()
-                .into()),
-            Some((class, reason)) => {
-                self.dead_letter(DeadLetter::from_event(&event, class, reason), txn, stream)
-                    .await
+            Some(refusal) if refusal.class == ErrorClass::Fatal => {
+                Err(DeadLetter::from_event(&event, refusal.class, refusal.reason)
+                    .into_halt_error()
+                    .into())
+            }
+            Some(refusal) => {
+                let mut letter = DeadLetter::from_event(&event, refusal.class, refusal.reason);
+                if refusal.too_large {
+                    letter = letter.without_payload();
+                }
+                self.dead_letter(letter, txn, stream).await
             }
         }
     }
@@ -473,7 +478,7 @@ impl Relay {
                 self.counts.dead_lettered += 1;
                 Ok(())
             }
-            Some((_, reason)) => Err(dead_letter_refused(letter, &reason)),
+            Some(refusal) => Err(dead_letter_refused(letter, &refusal.reason)),
         }
     }
 
@@ -487,7 +492,7 @@ impl Relay {
         txn: TxnId,
         dead_letter: bool,
         stream: &ReplicationStream,
-    ) -> Result<Option<(ErrorClass, String)>, SessionError> {
+    ) -> Result<Option<Refusal>, SessionError> {
         loop {
             let tag = EventTag {
                 txn,
@@ -505,8 +510,11 @@ impl Relay {
                 Err(SubmitError::QueueFull) => match self.pipeline.next_ack().await {
                     Some(ack) => self.settle(ack, Some(stream))?,
                     None => {
-                        let reason = "the record alone exceeds the producer's queue (queue.buffering.max.kbytes)";
-                        return Ok(Some((ErrorClass::Poison, reason.into())));
+                        return Ok(Some(Refusal {
+                            class: ErrorClass::Poison,
+                            reason: "the record alone exceeds the producer's queue (queue.buffering.max.kbytes)".into(),
+                            too_large: true,
+                        }));
                     }
                 },
                 Err(SubmitError::Refused {
@@ -518,7 +526,13 @@ impl Relay {
                         event.id
                     )));
                 }
-                Err(SubmitError::Refused { class, error }) => return Ok(Some((class, error.to_string()))),
+                Err(SubmitError::Refused { class, error }) => {
+                    return Ok(Some(Refusal {
+                        class,
+                        too_large: is_too_large(&error),
+                        reason: error.to_string(),
+                    }))
+                }
             }
         }
     }
@@ -565,7 +579,11 @@ impl Relay {
     async fn handle_poisoned(&mut self, stream: &ReplicationStream) -> Result<(), SessionError> {
         while let Some((tag, failure)) = self.poisoned.pop_front() {
             let reason = failure.error.to_string();
-            let letter = DeadLetter::from_record(failure.record.as_ref(), &tag.id, tag.position, failure.class, reason);
+            let mut letter =
+                DeadLetter::from_record(failure.record.as_ref(), &tag.id, tag.position, failure.class, reason);
+            if is_too_large(&failure.error) {
+                letter = letter.without_payload();
+            }
             self.dead_letter(letter, tag.txn, stream).await?;
             if let Some(lsn) = self.progress()?.acked(tag.txn) {
                 stream.confirm(lsn);
@@ -609,6 +627,21 @@ impl Relay {
         stream.finish(confirmed, Duration::from_secs(2)).await;
         confirmed
     }
+}
+
+/// Kafka refused a record before queueing it.
+struct Refusal {
+    class: ErrorClass,
+    reason: String,
+    too_large: bool,
+}
+
+fn is_too_large(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidMessageSize)
+    )
 }
 
 fn dead_letter_refused(letter: DeadLetter, reason: &str) -> SessionError {

@@ -20,6 +20,9 @@ pub const HEADER_ERROR: &str = "outbox.error";
 pub const HEADER_ERROR_CLASS: &str = "outbox.error_class";
 /// Header with the topic the event was meant for, when it could be formed.
 pub const HEADER_ORIGINAL_TOPIC: &str = "outbox.original_topic";
+/// Header with the size of a payload left out because the record was too large for
+/// Kafka; the row itself stays in the outbox table under its id.
+pub const HEADER_PAYLOAD_OMITTED: &str = "outbox.payload_omitted_bytes";
 
 /// An event on its way to the dead-letter topic.
 #[derive(Debug, Clone)]
@@ -90,6 +93,15 @@ impl DeadLetter {
             class,
             reason,
         }
+    }
+
+    /// Leaves the payload out (a record too large for Kafka stays too large in the
+    /// dead-letter topic), saying how large it was.
+    pub fn without_payload(mut self) -> Self {
+        let size = self.payload.take().map_or(0, |p| p.len());
+        self.headers
+            .push((HEADER_PAYLOAD_OMITTED.to_owned(), Some(Bytes::from(size.to_string()))));
+        self
     }
 
     /// The record for the dead-letter `topic`.

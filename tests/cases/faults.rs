@@ -8,6 +8,9 @@ use crate::support::kafka::Consumer;
 use crate::support::relay::Relay;
 use crate::support::{connect, Record, TestDb};
 
+/// How long the broker stays frozen.
+const OUTAGE: Duration = Duration::from_secs(60);
+
 /// The time of the walsender's last standby status reply for this test's slot.
 async fn last_reply(db: &TestDb) -> Option<String> {
     db.client
@@ -41,22 +44,22 @@ async fn a_broker_outage_never_lets_the_slot_pass_an_unacknowledged_event() {
     for i in 0..20 {
         outage_ids.insert(db.insert_event("order", &format!("k{}", i % 3), "{}").await);
     }
-    // Watch the slot across three status updates from the relay while the broker is
-    // frozen. Other tests write WAL on the shared server, so the slot may move up to the
+    // Keep the broker frozen for a minute, watching the slot across the relay's status
+    // updates. Other tests write WAL on the shared server, so the slot may move up to the
     // first outage event's commit, but never past it: checked once that LSN is known.
+    let paused_at = std::time::Instant::now();
     let mut replies = HashSet::new();
     let mut highest_confirmed = outbox_relay::lsn::Lsn::ZERO;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while replies.len() < 3 {
+    while replies.len() < 3 || paused_at.elapsed() < OUTAGE {
         highest_confirmed = highest_confirmed.max(db.confirmed_flush_lsn().await);
         if let Some(reply) = last_reply(&db).await {
             replies.insert(reply);
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            paused_at.elapsed() < OUTAGE + Duration::from_secs(30),
             "no status updates from the relay during the outage"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
     broker.resume();
@@ -65,6 +68,8 @@ async fn a_broker_outage_never_lets_the_slot_pass_an_unacknowledged_event() {
     consumer.read_until(Duration::from_secs(90), "every event after the outage", |records| {
         records.iter().map(Record::id).collect::<HashSet<_>>() == ids
     });
+    consumer.read_until_quiet(Duration::from_secs(1));
+    assert_eq!(consumer.records.len(), ids.len(), "duplicates after the outage");
     let first_outage_commit = consumer
         .records
         .iter()

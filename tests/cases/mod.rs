@@ -1,5 +1,6 @@
 mod delivery;
 mod documentation;
 mod faults;
+mod guarantees;
 mod large_transaction;
 mod startup_errors;

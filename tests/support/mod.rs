@@ -112,9 +112,24 @@ pub struct TestDb {
 }
 
 impl TestDb {
-    /// Creates the database and runs `outbox-relay setup --apply-sql` against it.
+    /// Creates the database on the shared server and runs `outbox-relay setup --apply-sql`.
     pub async fn new(test: &str) -> TestDb {
-        let db = Self::without_setup(test).await;
+        let services = services();
+        let db = Self::create(&services.url_for("postgres"), &services.bootstrap_servers, test).await;
+        db.setup();
+        db
+    }
+
+    /// As [`new`](Self::new), on a private server (for tests that restart or break it).
+    pub async fn on(postgres: &devrig::Postgres, bootstrap_servers: &str, test: &str) -> TestDb {
+        let db = Self::create(&postgres.url("postgres"), bootstrap_servers, test).await;
+        db.setup();
+        db
+    }
+
+    /// Runs `outbox-relay setup --apply-sql`.
+    pub fn setup(&self) {
+        let db = self;
         let output = relay::command()
             .args(["setup", "--apply-sql"])
             .env("DATABASE_URL", &db.url)
@@ -127,30 +142,28 @@ impl TestDb {
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         );
-        db
     }
 
-    /// Creates an empty database only.
-    pub async fn without_setup(test: &str) -> TestDb {
+    /// Creates an empty database on the server of `admin_url`.
+    async fn create(admin_url: &str, bootstrap_servers: &str, test: &str) -> TestDb {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let services = services();
         let name = format!(
             "t_{test}_{}_{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let admin = connect(&services.url_for("postgres")).await;
+        let admin = connect(admin_url).await;
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
-        let url = services.url_for(&name);
+        let url = with_database(admin_url, &name);
         let client = connect(&url).await;
         TestDb {
             slot: name.clone(),
             publication: "outbox_pub".into(),
             topic_template: format!("{name}.{{aggregate_type}}"),
-            bootstrap_servers: services.bootstrap_servers.clone(),
+            bootstrap_servers: bootstrap_servers.to_owned(),
             name,
             url,
             client,
