@@ -7,7 +7,9 @@
 //! - [`postgres::stream`]: the walsender stream of the slot (replication protocol).
 //! - [`postgres::pgoutput`]: decodes each `pgoutput` message.
 //! - [`outbox`]: turns an inserted outbox row into a Kafka record.
-//! - [`kafka`]: the idempotent producer, its error classes, the pipeline of deliveries.
+//! - [`kafka`]: the idempotent producer, its error classes, the partition fence that makes
+//!   publishing exactly-once across restarts, the pipeline of deliveries.
+//! - [`dead_letter`]: the record for an event that can never be published.
 //! - [`progress`]: the only place that decides which LSN to confirm; monotonic.
 //! - [`app`]: wires them into one loop, and reconnects when PostgreSQL goes away.
 //!
