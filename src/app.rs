@@ -13,7 +13,9 @@ use std::time::Duration;
 use crate::config::{Delivery, OnPoison, RunArgs, SlotBusy};
 use crate::dead_letter::DeadLetter;
 use crate::error::RelayError;
-use crate::kafka::{Acked, ErrorClass, Failure, Fence, Pipeline, Producer, ProducerSettings, SubmitError, TopicId};
+use crate::kafka::{
+    Acked, ErrorClass, Failure, Fence, FenceError, Pipeline, Producer, ProducerSettings, Route, SubmitError, TopicId,
+};
 use crate::lsn::Lsn;
 use crate::outbox::{ColumnNames, Mapper, OutboxEvent, SourcePosition, TopicTemplate};
 use crate::postgres::connection::Database;
@@ -45,9 +47,8 @@ pub struct RelaySettings {
 
 impl RelaySettings {
     pub fn from_args(args: &RunArgs) -> Result<Self, RelayError> {
-        let dead_letter_topic = TopicTemplate::parse(&args.dead_letter_topic)
+        crate::outbox::validate_topic_name(&args.dead_letter_topic)
             .map_err(|e| RelayError::Config(format!("--dead-letter-topic: {e}")))?;
-        drop(dead_letter_topic);
         Ok(RelaySettings {
             database: Database::parse(&args.postgres.database_url)?,
             slot: args.postgres.slot.clone(),
@@ -414,18 +415,15 @@ impl Relay {
                     .await;
             }
         };
-        let route = match self.fence.route(&event.topic, &event.key, position) {
-            Ok(route) => route,
+        let route = match self.route_unwritten(&event) {
+            Ok(Some(route)) => route,
+            Ok(None) => return Ok(()),
             Err(error) if error.class == ErrorClass::Transient => return Err(SessionError::Restart(error.to_string())),
             Err(error) => {
                 let letter = DeadLetter::from_event(&event, error.class, error.to_string());
                 return self.dead_letter(letter, txn, stream).await;
             }
         };
-        if route.already_written {
-            self.counts.skipped += 1;
-            return Ok(());
-        }
         match self
             .submit(&event, route.topic, route.partition, txn, false, stream)
             .await?
@@ -461,15 +459,12 @@ impl Relay {
         let event = letter
             .clone()
             .into_event(&self.settings.dead_letter_topic, self.fence.source());
-        let route = match self.fence.route(&event.topic, &event.key, event.position) {
-            Ok(route) => route,
+        let route = match self.route_unwritten(&event) {
+            Ok(Some(route)) => route,
+            Ok(None) => return Ok(()),
             Err(error) if error.class == ErrorClass::Transient => return Err(SessionError::Restart(error.to_string())),
             Err(error) => return Err(dead_letter_refused(letter, &error.to_string())),
         };
-        if route.already_written {
-            self.counts.skipped += 1;
-            return Ok(());
-        }
         match self
             .submit(&event, route.topic, route.partition, txn, true, stream)
             .await?
@@ -480,6 +475,16 @@ impl Relay {
             }
             Some(refusal) => Err(dead_letter_refused(letter, &refusal.reason)),
         }
+    }
+
+    /// Routes `event` to its partition; `None` when an earlier run already wrote it there.
+    fn route_unwritten(&mut self, event: &OutboxEvent) -> Result<Option<Route>, FenceError> {
+        let route = self.fence.route(&event.topic, &event.key, event.position)?;
+        if route.already_written {
+            self.counts.skipped += 1;
+            return Ok(None);
+        }
+        Ok(Some(route))
     }
 
     /// Hands one record to Kafka, waiting for room in librdkafka's queue if it is full.

@@ -153,7 +153,7 @@ impl TopicTemplate {
 }
 
 /// Kafka's own rule: 1 to 249 characters of `[a-zA-Z0-9._-]`, and not `.` or `..`.
-fn validate_topic_name(topic: &str) -> Result<(), String> {
+pub fn validate_topic_name(topic: &str) -> Result<(), String> {
     let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
     if topic.is_empty() || topic.len() > 249 || topic == "." || topic == ".." || !topic.chars().all(legal) {
         return Err(format!(

@@ -36,8 +36,7 @@ async fn a_broker_outage_never_lets_the_slot_pass_an_unacknowledged_event() {
     let mut consumer = Consumer::new(&broker.bootstrap_servers(), &[db.topic("order")]);
     consumer.read_until(Duration::from_secs(60), "the warm-up event", |r| !r.is_empty());
     assert_eq!(consumer.records[0].id(), warm_up);
-    db.wait_confirmed(db.current_wal_lsn().await, Duration::from_secs(30))
-        .await;
+    db.wait_all_confirmed().await;
 
     broker.pause();
     let mut outage_ids = HashSet::new();
@@ -81,8 +80,7 @@ async fn a_broker_outage_never_lets_the_slot_pass_an_unacknowledged_event() {
         highest_confirmed <= first_outage_commit,
         "during the outage confirmed_flush_lsn reached {highest_confirmed}, past the unacknowledged event committed at {first_outage_commit}"
     );
-    db.wait_confirmed(db.current_wal_lsn().await, Duration::from_secs(30))
-        .await;
+    db.wait_all_confirmed().await;
     db.drop().await;
 }
 
@@ -195,8 +193,7 @@ async fn a_dropped_replication_connection_is_resumed() {
     consumer.read_until(Duration::from_secs(60), "every event after the reconnect", |records| {
         records.iter().map(Record::id).collect::<HashSet<_>>() == ids
     });
-    db.wait_confirmed(db.current_wal_lsn().await, Duration::from_secs(30))
-        .await;
+    db.wait_all_confirmed().await;
     assert!(
         relay
             .log_text()

@@ -318,8 +318,7 @@ async fn poison_events_go_to_the_dead_letter_topic_and_the_stream_goes_on() {
     assert_eq!(null_letter.payload_json()["why"], "null key", "original bytes kept");
     let large_letter = letters.records.iter().find(|r| r.id() == too_large).unwrap();
     assert!(large_letter.header("outbox.payload_omitted_bytes").is_some());
-    db.wait_confirmed(db.current_wal_lsn().await, Duration::from_secs(30))
-        .await;
+    db.wait_all_confirmed().await;
     db.drop().await;
 }
 

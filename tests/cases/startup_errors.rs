@@ -65,6 +65,8 @@ async fn a_malformed_url_and_a_bad_template_are_configuration_errors() {
     let db = TestDb::new("badtemplate").await;
     let output = run(&["--slot", &db.slot, "--topic-template", "x.{nope}"], &db.url);
     assert_clear_failure(&output, 2, &["topic template", "{nope}"]);
+    let output = run(&["--slot", &db.slot, "--dead-letter-topic", "no spaces"], &db.url);
+    assert_clear_failure(&output, 2, &["--dead-letter-topic", "not legal"]);
     db.drop().await;
 }
 

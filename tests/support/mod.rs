@@ -227,6 +227,12 @@ impl TestDb {
         .await
     }
 
+    /// Waits until the slot has confirmed all WAL written so far.
+    pub async fn wait_all_confirmed(&self) {
+        let target = self.current_wal_lsn().await;
+        self.wait_confirmed(target, Duration::from_secs(30)).await;
+    }
+
     /// Drops the slot and database (for runs against long-lived real servers).
     pub async fn drop(self) {
         let admin = connect(&services().url_for("postgres")).await;
