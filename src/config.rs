@@ -36,6 +36,27 @@ pub enum Command {
     Setup(SetupArgs),
     /// Stream outbox events to Kafka until SIGINT or SIGTERM.
     Run(RunArgs),
+    /// Show the slot's lag in bytes and seconds and a verdict; the exit code is 0 healthy,
+    /// 1 lagging, 2 at risk, 3 lost.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub postgres: PostgresArgs,
+
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Lag in bytes above which the verdict is "lagging".
+    #[arg(long, env = "OUTBOX_RELAY_MAX_LAG_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_lag_bytes: u64,
+
+    /// Age of the oldest unconfirmed commit above which the verdict is "lagging".
+    #[arg(long, env = "OUTBOX_RELAY_MAX_LAG", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub max_lag: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

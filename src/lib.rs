@@ -13,7 +13,8 @@
 //! - [`progress`]: the only place that decides which LSN to confirm; monotonic.
 //! - [`app`]: wires them into one loop, and reconnects when PostgreSQL goes away.
 //!
-//! Around them: [`config`] (every setting), [`setup`] (slot and SQL), [`postgres::slot`]
+//! Around them: [`config`] (every setting), [`setup`] (slot and SQL), [`status`] (lag and
+//! verdict), [`postgres::slot`]
 //! (inspecting the slot), [`error`] (what ends a run), [`shutdown`] (the stop signal),
 //! [`lsn`] (WAL positions).
 
@@ -28,3 +29,4 @@ pub mod postgres;
 pub mod progress;
 pub mod setup;
 pub mod shutdown;
+pub mod status;

@@ -21,7 +21,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(execute(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(error) => {
             tracing::error!(error = %error, "outbox-relay failed");
             eprintln!("error: {error}");
@@ -30,13 +30,30 @@ fn main() -> ExitCode {
     }
 }
 
-async fn execute(command: Command) -> Result<(), RelayError> {
+/// Runs a command; `Ok` carries the exit code of a command that judges (status).
+async fn execute(command: Command) -> Result<u8, RelayError> {
     match command {
         Command::Setup(args) => {
             for line in outbox_relay::setup::setup(&args).await? {
                 println!("{line}");
             }
-            Ok(())
+            Ok(0)
+        }
+        Command::Status(args) => {
+            let database = outbox_relay::postgres::connection::Database::parse(&args.postgres.database_url)?;
+            let limits = outbox_relay::status::Limits {
+                max_lag_bytes: args.max_lag_bytes,
+                max_lag: args.max_lag,
+            };
+            let status =
+                outbox_relay::status::status(&database, &args.postgres.slot, &args.postgres.publication, limits)
+                    .await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+            } else {
+                print!("{}", status.render());
+            }
+            Ok(status.verdict.exit_code())
         }
         Command::Run(args) => {
             let settings = RelaySettings::from_args(&args)?;
@@ -44,7 +61,7 @@ async fn execute(command: Command) -> Result<(), RelayError> {
             let signals = tokio::spawn(forward_signals(trigger));
             let result = app::run(settings, shutdown).await;
             signals.abort();
-            result
+            result.map(|()| 0)
         }
     }
 }

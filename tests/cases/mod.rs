@@ -3,4 +3,5 @@ mod documentation;
 mod faults;
 mod guarantees;
 mod large_transaction;
+mod operations;
 mod startup_errors;

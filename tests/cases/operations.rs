@@ -1,0 +1,82 @@
+//! Issue 5, operations: what an operator sees.
+
+use std::time::Duration;
+
+use crate::support::relay::command;
+use crate::support::{eventually, TestDb};
+
+/// Runs `outbox-relay status --json` with extra arguments; returns the JSON and exit code.
+fn status(db: &TestDb, extra: &[&str]) -> (serde_json::Value, i32) {
+    let output = command()
+        .args(["status", "--json"])
+        .args(extra)
+        .env("DATABASE_URL", &db.url)
+        .env("OUTBOX_RELAY_SLOT", &db.slot)
+        .output()
+        .unwrap();
+    let json = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (json, output.status.code().unwrap_or(-1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_lag_growing_while_the_relay_is_stopped_and_catching_up_after() {
+    let db = TestDb::new("status").await;
+    let mut relay = db.relay();
+    db.insert_event("order", "k", "{}").await;
+    db.wait_all_confirmed().await;
+    assert_eq!(relay.terminate(Duration::from_secs(10)).code(), Some(0));
+
+    for i in 0..50 {
+        db.insert_event("order", &format!("k{i}"), "{}").await;
+    }
+    let wal_before = db.current_wal_lsn().await;
+    let (first, code) = status(&db, &[]);
+    let wal_after = db.current_wal_lsn().await;
+    let confirmed = db.confirmed_flush_lsn().await;
+    let lag = first["lag_bytes"].as_u64().unwrap();
+    assert!(
+        confirmed.0 + lag >= wal_before.0 && confirmed.0 + lag <= wal_after.0,
+        "lag {lag} does not match the slot ({confirmed}) and the server ({wal_before}..{wal_after})"
+    );
+    assert_eq!(first["active"], false);
+    assert_eq!(code, 0, "50 small events are within the default limits: {first}");
+    let first_age = first["lag_seconds"].as_f64().unwrap();
+    assert!(first_age > 0.0, "{first}");
+
+    // Lag in time grows while nobody confirms; with a 1 s limit the verdict turns.
+    let (later, code) = eventually(Duration::from_secs(10), "lag to pass one second", || async {
+        let (json, code) = status(&db, &["--max-lag", "1s"]);
+        (json["lag_seconds"].as_f64().unwrap_or(0.0) > 1.0).then_some((json, code))
+    })
+    .await;
+    assert!(later["lag_seconds"].as_f64().unwrap() > first_age);
+    assert_eq!(later["verdict"], "lagging");
+    assert_eq!(code, 1);
+
+    let _relay = db.relay();
+    db.wait_all_confirmed().await;
+    let (caught_up, code) = status(&db, &["--max-lag", "5s"]);
+    assert_eq!(caught_up["verdict"], "healthy", "{caught_up}");
+    assert_eq!(code, 0);
+    assert!(caught_up["lag_seconds"].as_f64().unwrap_or(0.0) < 5.0, "{caught_up}");
+    assert_eq!(caught_up["publication_tables"][0], "public.outbox");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_without_a_slot_says_so() {
+    let db = TestDb::new("statusnoslot").await;
+    let output = command()
+        .args(["status", "--slot", "no_such_slot"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no_such_slot"));
+    db.drop().await;
+}
