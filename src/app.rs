@@ -40,6 +40,7 @@ pub struct RelaySettings {
     pub on_poison: OnPoison,
     pub dead_letter_topic: String,
     pub slot_busy: SlotBusy,
+    pub heartbeat_interval: Duration,
     pub max_in_flight: usize,
     pub shutdown_timeout: Duration,
     pub reconnect_backoff_max: Duration,
@@ -63,6 +64,7 @@ impl RelaySettings {
             on_poison: args.on_poison,
             dead_letter_topic: args.dead_letter_topic.clone(),
             slot_busy: args.slot_busy,
+            heartbeat_interval: args.heartbeat_interval,
             max_in_flight: args.max_in_flight as usize,
             shutdown_timeout: args.shutdown_timeout,
             reconnect_backoff_max: args.reconnect_backoff_max,
@@ -91,7 +93,19 @@ pub async fn run(settings: RelaySettings, shutdown: Shutdown) -> Result<(), Rela
         poisoned: VecDeque::new(),
         counts: Counts::default(),
     };
+    let heartbeat = (!relay.settings.heartbeat_interval.is_zero()).then(|| {
+        let beat = crate::heartbeat::run(
+            relay.settings.database.clone(),
+            relay.settings.heartbeat_interval,
+            shutdown.clone(),
+        );
+        tokio::spawn(beat)
+    });
     let result = relay.run(shutdown).await;
+    if let Some(heartbeat) = heartbeat {
+        heartbeat.abort();
+        let _ = heartbeat.await;
+    }
     let c = relay.counts;
     tracing::info!(
         published = c.published,
@@ -387,7 +401,16 @@ impl Relay {
                 let txn = txn.id;
                 self.on_insert(&insert, position, txn, stream).await?;
             }
-            // Logical messages, other tables' changes, types and origins carry no events.
+            // Our heartbeat: everything before it has been sent, like a keepalive.
+            Message::Logical(message) if !message.transactional && message.prefix == crate::heartbeat::PREFIX => {
+                if let Some(trip) = crate::heartbeat::round_trip(&message.content) {
+                    tracing::debug!(round_trip_ms = trip.as_millis() as u64, lsn = %message.lsn, "heartbeat");
+                }
+                if let Some(lsn) = self.progress()?.keepalive(message.lsn) {
+                    stream.confirm(lsn);
+                }
+            }
+            // Other logical messages, other tables' changes, types and origins carry no events.
             Message::Logical(_)
             | Message::Update { .. }
             | Message::Delete { .. }

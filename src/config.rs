@@ -121,6 +121,11 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_RELAY_SLOT_BUSY", value_enum, default_value_t = SlotBusy::Wait)]
     pub slot_busy: SlotBusy,
 
+    /// How often to write a heartbeat message into the WAL (keeps the slot advancing on an
+    /// idle database and measures replication delay); 0s turns it off.
+    #[arg(long, env = "OUTBOX_RELAY_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+
     /// Most events handed to Kafka and not yet acknowledged; reading pauses at this bound.
     #[arg(long, env = "OUTBOX_RELAY_MAX_IN_FLIGHT", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,

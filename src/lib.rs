@@ -16,12 +16,13 @@
 //! Around them: [`config`] (every setting), [`setup`] (slot and SQL), [`status`] (lag and
 //! verdict), [`postgres::slot`]
 //! (inspecting the slot), [`error`] (what ends a run), [`shutdown`] (the stop signal),
-//! [`lsn`] (WAL positions).
+//! [`heartbeat`] (keeps an idle slot moving, measures delay), [`lsn`] (WAL positions).
 
 pub mod app;
 pub mod config;
 pub mod dead_letter;
 pub mod error;
+pub mod heartbeat;
 pub mod kafka;
 pub mod lsn;
 pub mod outbox;

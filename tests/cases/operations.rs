@@ -80,3 +80,24 @@ async fn status_without_a_slot_says_so() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("no_such_slot"));
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_outbox_keeps_up_with_writes_in_another_database() {
+    let idle = TestDb::new("idlehb").await;
+    let busy = TestDb::new("busyhb").await;
+    let relay = idle.relay_with(&["--heartbeat-interval", "1s"]);
+    idle.insert_event("order", "k", "{}").await;
+    idle.wait_all_confirmed().await;
+    busy.client
+        .batch_execute("CREATE TABLE churn (n int); INSERT INTO churn SELECT generate_series(1, 50000);")
+        .await
+        .unwrap();
+    let target = busy.current_wal_lsn().await;
+    idle.wait_confirmed(target, Duration::from_secs(30)).await;
+    eventually(Duration::from_secs(15), "a heartbeat to come back", || async {
+        relay.log_text().contains("round_trip_ms").then_some(())
+    })
+    .await;
+    idle.drop().await;
+    busy.drop().await;
+}
