@@ -101,3 +101,27 @@ async fn an_idle_outbox_keeps_up_with_writes_in_another_database() {
     idle.drop().await;
     busy.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_least_privilege_role_can_run_the_relay() {
+    let mut db = TestDb::new("leastpriv").await;
+    let role_sql = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/003_relay_role.sql")).unwrap();
+    // The role is cluster-wide and other tests may apply it at the same time.
+    let _ = db.client.batch_execute(&role_sql).await;
+    db.client.batch_execute(&role_sql).await.unwrap();
+    db.client
+        .batch_execute("ALTER ROLE outbox_relay PASSWORD 'relay-pw'")
+        .await
+        .unwrap();
+    let superuser_url = db.url.clone();
+    let rest = superuser_url.split_once('@').unwrap().1;
+    db.url = format!("postgres://outbox_relay:relay-pw@{rest}");
+    let _relay = db.relay();
+    let id = db.insert_event("order", "k", "{}").await;
+    let mut consumer = crate::support::kafka::Consumer::new(&db.bootstrap_servers, &[db.topic("order")]);
+    consumer.read_until(Duration::from_secs(60), "the event", |records| {
+        records.iter().any(|r| r.id() == id)
+    });
+    db.wait_all_confirmed().await;
+    db.drop().await;
+}
