@@ -57,6 +57,7 @@ async fn main() {
         .arg("run")
         .env("DATABASE_URL", &database_url)
         .env("KAFKA_BOOTSTRAP_SERVERS", &bootstrap)
+        .env("OUTBOX_RELAY_METRICS_ADDR", "127.0.0.1:0")
         .stdin(Stdio::null())
         .spawn()
         .expect("start the relay");

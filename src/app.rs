@@ -10,6 +10,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use crate::config::{Delivery, OnPoison, RunArgs, SlotBusy};
 use crate::dead_letter::DeadLetter;
 use crate::error::RelayError;
@@ -17,6 +19,8 @@ use crate::kafka::{
     Acked, ErrorClass, Failure, Fence, FenceError, Pipeline, Producer, ProducerSettings, Route, SubmitError, TopicId,
 };
 use crate::lsn::Lsn;
+use crate::metrics::{Health, Metrics};
+use crate::monitor::Monitor;
 use crate::outbox::{ColumnNames, Mapper, OutboxEvent, SourcePosition, TopicTemplate};
 use crate::postgres::connection::Database;
 use crate::postgres::pgoutput::{Insert, Message};
@@ -24,6 +28,9 @@ use crate::postgres::slot;
 use crate::postgres::stream::{ReplicationStream, StreamError, StreamEvent};
 use crate::progress::{Progress, TxnId};
 use crate::shutdown::Shutdown;
+
+/// PostgreSQL's epoch (2000-01-01) in Unix microseconds.
+const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 /// How often a standby relay asks for the slot while another process holds it.
 const SLOT_RETRY: Duration = Duration::from_secs(1);
@@ -41,6 +48,8 @@ pub struct RelaySettings {
     pub dead_letter_topic: String,
     pub slot_busy: SlotBusy,
     pub heartbeat_interval: Duration,
+    pub metrics_addr: std::net::SocketAddr,
+    pub ready_max_lag: Duration,
     pub max_in_flight: usize,
     pub shutdown_timeout: Duration,
     pub reconnect_backoff_max: Duration,
@@ -65,6 +74,8 @@ impl RelaySettings {
             dead_letter_topic: args.dead_letter_topic.clone(),
             slot_busy: args.slot_busy,
             heartbeat_interval: args.heartbeat_interval,
+            metrics_addr: args.metrics_addr,
+            ready_max_lag: args.ready_max_lag,
             max_in_flight: args.max_in_flight as usize,
             shutdown_timeout: args.shutdown_timeout,
             reconnect_backoff_max: args.reconnect_backoff_max,
@@ -80,6 +91,34 @@ impl RelaySettings {
 /// Streams until `shutdown` fires (`Ok`) or a definite error (`Err`).
 pub async fn run(settings: RelaySettings, shutdown: Shutdown) -> Result<(), RelayError> {
     let producer = Producer::new(&settings.producer).map_err(|e| RelayError::Config(e.to_string()))?;
+    let metrics = Metrics::new();
+    let health = Arc::new(Health::default());
+    let (address, server) = crate::http::bind(
+        settings.metrics_addr,
+        Arc::clone(&metrics),
+        Arc::clone(&health),
+        settings.ready_max_lag,
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| {
+        RelayError::Config(format!(
+            "cannot listen on --metrics-addr {}: {e}",
+            settings.metrics_addr
+        ))
+    })?;
+    tracing::info!(%address, "operations endpoint listening (/metrics, /healthz, /readyz)");
+    let server = tokio::spawn(server);
+    let monitor = Monitor {
+        database: settings.database.clone(),
+        slot: settings.slot.clone(),
+        heartbeat_interval: settings.heartbeat_interval,
+        producer: producer.clone(),
+        metrics: Arc::clone(&metrics),
+        health: Arc::clone(&health),
+    };
+    let monitor = tokio::spawn(monitor.run(shutdown.clone()));
+
     let source = settings.source();
     let mapper = Mapper::new(settings.template.clone(), ColumnNames::default(), &source);
     let exactly_once = settings.delivery == Delivery::ExactlyOnce;
@@ -91,40 +130,45 @@ pub async fn run(settings: RelaySettings, shutdown: Shutdown) -> Result<(), Rela
         fence,
         progress: None,
         poisoned: VecDeque::new(),
-        counts: Counts::default(),
+        metrics,
+        health,
     };
-    let heartbeat = (!relay.settings.heartbeat_interval.is_zero()).then(|| {
-        let beat = crate::heartbeat::run(
-            relay.settings.database.clone(),
-            relay.settings.heartbeat_interval,
-            shutdown.clone(),
-        );
-        tokio::spawn(beat)
-    });
     let result = relay.run(shutdown).await;
-    if let Some(heartbeat) = heartbeat {
-        heartbeat.abort();
-        let _ = heartbeat.await;
-    }
-    let c = relay.counts;
+    let m = &relay.metrics;
     tracing::info!(
-        published = c.published,
-        skipped_as_already_written = c.skipped,
-        dead_lettered = c.dead_lettered,
+        published = m.events_published.get(),
+        skipped_as_already_written = m.events_skipped_already_written.get(),
+        dead_lettered = m.events_dead_lettered.get(),
         "totals"
     );
+    // Both end on the shutdown signal; after a failure they are stopped here.
+    monitor.abort();
+    server.abort();
+    let _ = monitor.await;
+    let _ = server.await;
     result
+}
+
+/// A transaction as the events in flight know it.
+#[derive(Debug, Clone, Copy)]
+struct TxnRef {
+    id: TxnId,
+    /// Unix microseconds.
+    commit_time: i64,
 }
 
 /// Whose record an acknowledgement is for.
 #[derive(Debug)]
 struct EventTag {
-    txn: TxnId,
+    txn: TxnRef,
     id: String,
     position: SourcePosition,
     topic: TopicId,
     partition: i32,
     dead_letter: bool,
+    payload_bytes: u64,
+    /// Commit time of the event's transaction, Unix microseconds.
+    commit_time: i64,
 }
 
 /// The transaction being read: where its events stand and how many it has so far.
@@ -132,14 +176,9 @@ struct EventTag {
 struct OpenTxn {
     id: TxnId,
     commit_lsn: Lsn,
+    /// Unix microseconds.
+    commit_time: i64,
     next_index: u32,
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct Counts {
-    published: u64,
-    skipped: u64,
-    dead_lettered: u64,
 }
 
 /// How a session ended, when it did not end with a definite error.
@@ -180,7 +219,8 @@ struct Relay {
     progress: Option<Progress>,
     /// Records Kafka refused for good, waiting to be dead-lettered (or to halt the relay).
     poisoned: VecDeque<(EventTag, Failure)>,
-    counts: Counts,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
 }
 
 impl Relay {
@@ -248,12 +288,17 @@ impl Relay {
             };
             backoff.reset();
             streamed_once = true;
+            self.health.set_streaming(true);
+            self.metrics.streaming.set(1);
             if let Some(since) = waiting_since.take() {
                 tracing::info!(waited_ms = since.elapsed().as_millis() as u64, "took over the slot");
             }
             tracing::info!(slot = %self.settings.slot, publication = %self.settings.publication, start = %start, "streaming");
 
-            match self.pump(&mut stream, &mut shutdown).await {
+            let ended = self.pump(&mut stream, &mut shutdown).await;
+            self.health.set_streaming(false);
+            self.metrics.streaming.set(0);
+            match ended {
                 Ok(SessionEnd::Shutdown) => {
                     tracing::info!(
                         in_flight = self.pipeline.len(),
@@ -266,6 +311,8 @@ impl Relay {
                 Ok(SessionEnd::Restart(reason)) | Err(SessionError::Restart(reason)) => {
                     tracing::warn!(%reason, in_flight = self.pipeline.len(), "replication session ended; resuming from the last acknowledged position");
                     drop(stream);
+                    self.metrics.reconnects.inc();
+                    self.metrics.error(ErrorClass::Transient.as_str());
                     if self.drain(None, &mut shutdown).await.is_err() {
                         return Ok(());
                     }
@@ -361,9 +408,8 @@ impl Relay {
     ) -> Result<(), SessionError> {
         let message = match event {
             StreamEvent::Keepalive { wal_end } => {
-                if let Some(lsn) = self.progress()?.keepalive(wal_end) {
-                    stream.confirm(lsn);
-                }
+                let moved = self.progress()?.keepalive(wal_end);
+                self.after_progress(moved, Some(stream));
                 return Ok(());
             }
             StreamEvent::Message(message) => message,
@@ -373,10 +419,12 @@ impl Relay {
                 if open.is_some() {
                     return Err(RelayError::Protocol("Begin inside an open transaction".into()).into());
                 }
-                let id = self.progress()?.begin();
+                let commit_time = begin.commit_time + POSTGRES_EPOCH_MICROS;
+                let id = self.progress()?.begin(commit_time);
                 *open = Some(OpenTxn {
                     id,
                     commit_lsn: begin.final_lsn,
+                    commit_time,
                     next_index: 0,
                 });
             }
@@ -384,9 +432,9 @@ impl Relay {
                 let txn = open
                     .take()
                     .ok_or_else(|| RelayError::Protocol("Commit without a Begin".into()))?;
-                if let Some(lsn) = self.progress()?.commit(txn.id, commit.end_lsn) {
-                    stream.confirm(lsn);
-                }
+                self.metrics.transactions_decoded.inc();
+                let moved = self.progress()?.commit(txn.id, commit.end_lsn);
+                self.after_progress(moved, Some(stream));
             }
             Message::Relation(relation) => self.mapper.relation(&relation),
             Message::Insert(insert) => {
@@ -398,17 +446,20 @@ impl Relay {
                     index: txn.next_index,
                 };
                 txn.next_index += 1;
-                let txn = txn.id;
+                let txn = TxnRef {
+                    id: txn.id,
+                    commit_time: txn.commit_time,
+                };
                 self.on_insert(&insert, position, txn, stream).await?;
             }
             // Our heartbeat: everything before it has been sent, like a keepalive.
-            Message::Logical(message) if !message.transactional && message.prefix == crate::heartbeat::PREFIX => {
-                if let Some(trip) = crate::heartbeat::round_trip(&message.content) {
+            Message::Logical(message) if !message.transactional && message.prefix == crate::monitor::PREFIX => {
+                if let Some(trip) = crate::monitor::round_trip(&message.content) {
                     tracing::debug!(round_trip_ms = trip.as_millis() as u64, lsn = %message.lsn, "heartbeat");
+                    self.metrics.heartbeat_round_trip_seconds.set(trip.as_secs_f64());
                 }
-                if let Some(lsn) = self.progress()?.keepalive(message.lsn) {
-                    stream.confirm(lsn);
-                }
+                let moved = self.progress()?.keepalive(message.lsn);
+                self.after_progress(moved, Some(stream));
             }
             // Other logical messages, other tables' changes, types and origins carry no events.
             Message::Logical(_)
@@ -425,7 +476,7 @@ impl Relay {
         &mut self,
         insert: &Insert,
         position: SourcePosition,
-        txn: TxnId,
+        txn: TxnRef,
         stream: &ReplicationStream,
     ) -> Result<(), SessionError> {
         let event = match self.mapper.map(insert, position) {
@@ -472,7 +523,7 @@ impl Relay {
     async fn dead_letter(
         &mut self,
         letter: DeadLetter,
-        txn: TxnId,
+        txn: TxnRef,
         stream: &ReplicationStream,
     ) -> Result<(), SessionError> {
         if self.settings.on_poison == OnPoison::Halt {
@@ -493,7 +544,7 @@ impl Relay {
             .await?
         {
             None => {
-                self.counts.dead_lettered += 1;
+                self.metrics.events_dead_lettered.inc();
                 Ok(())
             }
             Some(refusal) => Err(dead_letter_refused(letter, &refusal.reason)),
@@ -504,7 +555,7 @@ impl Relay {
     fn route_unwritten(&mut self, event: &OutboxEvent) -> Result<Option<Route>, FenceError> {
         let route = self.fence.route(&event.topic, &event.key, event.position)?;
         if route.already_written {
-            self.counts.skipped += 1;
+            self.metrics.events_skipped_already_written.inc();
             return Ok(None);
         }
         Ok(Some(route))
@@ -517,7 +568,7 @@ impl Relay {
         event: &OutboxEvent,
         topic: TopicId,
         partition: i32,
-        txn: TxnId,
+        txn: TxnRef,
         dead_letter: bool,
         stream: &ReplicationStream,
     ) -> Result<Option<Refusal>, SessionError> {
@@ -529,10 +580,13 @@ impl Relay {
                 topic,
                 partition,
                 dead_letter,
+                payload_bytes: event.payload.len() as u64,
+                commit_time: txn.commit_time,
             };
             match self.pipeline.submit(event, partition, tag) {
                 Ok(()) => {
-                    self.progress()?.event_sent(txn);
+                    self.progress()?.event_sent(txn.id);
+                    self.metrics.events_in_flight.set(self.pipeline.len() as i64);
                     return Ok(None);
                 }
                 Err(SubmitError::QueueFull) => match self.pipeline.next_ack().await {
@@ -569,17 +623,22 @@ impl Relay {
     /// [`handle_poisoned`](Self::handle_poisoned); its transaction stays unconfirmed.
     fn settle(&mut self, ack: Acked<EventTag>, stream: Option<&ReplicationStream>) -> Result<(), SessionError> {
         let tag = ack.tag;
+        self.metrics.events_in_flight.set(self.pipeline.len() as i64);
+        if let Err(failure) = &ack.result {
+            self.metrics.error(failure.class.as_str());
+        }
         match ack.result {
             Ok(_) => {
                 self.fence.written(tag.topic, tag.partition, tag.position);
+                self.health.acked();
                 if !tag.dead_letter {
-                    self.counts.published += 1;
+                    self.metrics.events_published.inc();
+                    self.metrics.bytes_published.inc_by(tag.payload_bytes);
+                    let age = crate::monitor::now_micros().saturating_sub(tag.commit_time);
+                    self.metrics.commit_to_ack_seconds.observe(age.max(0) as f64 / 1e6);
                 }
-                if let Some(lsn) = self.progress()?.acked(tag.txn) {
-                    if let Some(stream) = stream {
-                        stream.confirm(lsn);
-                    }
-                }
+                let moved = self.progress()?.acked(tag.txn.id);
+                self.after_progress(moved, stream);
                 Ok(())
             }
             Err(failure) if failure.class == ErrorClass::Transient => Err(SessionError::Restart(format!(
@@ -613,11 +672,25 @@ impl Relay {
                 letter = letter.without_payload();
             }
             self.dead_letter(letter, tag.txn, stream).await?;
-            if let Some(lsn) = self.progress()?.acked(tag.txn) {
-                stream.confirm(lsn);
-            }
+            let moved = self.progress()?.acked(tag.txn.id);
+            self.after_progress(moved, Some(stream));
         }
         Ok(())
+    }
+
+    /// Reports a moved confirmed LSN to PostgreSQL and keeps the lag figures current.
+    fn after_progress(&self, moved: Option<Lsn>, stream: Option<&ReplicationStream>) {
+        if let Some(lsn) = moved {
+            if let Some(stream) = stream {
+                stream.confirm(lsn);
+            }
+            self.metrics.confirmed_lsn.set(lsn.0 as i64);
+        }
+        let oldest = self
+            .progress
+            .as_ref()
+            .and_then(Progress::oldest_unconfirmed_commit_time);
+        self.health.set_oldest_unconfirmed_commit(oldest);
     }
 
     /// Waits for acknowledgements of everything in flight, until `limit` passes or

@@ -126,6 +126,14 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_RELAY_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
 
+    /// Address of the operations endpoint: /metrics, /healthz, /readyz (port 0: any free port).
+    #[arg(long, env = "OUTBOX_RELAY_METRICS_ADDR", default_value = "127.0.0.1:9187")]
+    pub metrics_addr: std::net::SocketAddr,
+
+    /// /readyz answers 503 while the oldest unconfirmed commit is older than this.
+    #[arg(long, env = "OUTBOX_RELAY_READY_MAX_LAG", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ready_max_lag: Duration,
+
     /// Most events handed to Kafka and not yet acknowledged; reading pauses at this bound.
     #[arg(long, env = "OUTBOX_RELAY_MAX_IN_FLIGHT", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,

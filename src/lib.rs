@@ -16,15 +16,18 @@
 //! Around them: [`config`] (every setting), [`setup`] (slot and SQL), [`status`] (lag and
 //! verdict), [`postgres::slot`]
 //! (inspecting the slot), [`error`] (what ends a run), [`shutdown`] (the stop signal),
-//! [`heartbeat`] (keeps an idle slot moving, measures delay), [`lsn`] (WAL positions).
+//! [`monitor`] (heartbeat that keeps an idle slot moving; samples slot and broker),
+//! [`metrics`] and [`http`] (Prometheus, health and readiness), [`lsn`] (WAL positions).
 
 pub mod app;
 pub mod config;
 pub mod dead_letter;
 pub mod error;
-pub mod heartbeat;
+pub mod http;
 pub mod kafka;
 pub mod lsn;
+pub mod metrics;
+pub mod monitor;
 pub mod outbox;
 pub mod postgres;
 pub mod progress;

@@ -50,6 +50,8 @@ pub struct Progress {
 #[derive(Debug)]
 struct PendingTxn {
     id: TxnId,
+    /// Commit time (Unix microseconds) of a real transaction; `None` for a keepalive mark.
+    commit_time: Option<i64>,
     /// Known once the Commit has been read.
     end_lsn: Option<Lsn>,
     unacked: u64,
@@ -88,17 +90,23 @@ impl Progress {
         self.open
     }
 
-    /// A Begin was read.
-    pub fn begin(&mut self) -> TxnId {
+    /// A Begin was read; `commit_time` is the transaction's commit time in Unix microseconds.
+    pub fn begin(&mut self, commit_time: i64) -> TxnId {
         let id = TxnId(self.next_id);
         self.next_id += 1;
         self.open = Some(id);
         self.pending.push_back(PendingTxn {
             id,
+            commit_time: Some(commit_time),
             end_lsn: None,
             unacked: 0,
         });
         id
+    }
+
+    /// Commit time (Unix microseconds) of the oldest transaction read but not confirmed.
+    pub fn oldest_unconfirmed_commit_time(&self) -> Option<i64> {
+        self.pending.iter().find_map(|entry| entry.commit_time)
     }
 
     /// An event of `txn` was handed to the broker.
@@ -144,6 +152,7 @@ impl Progress {
                 self.next_id += 1;
                 self.pending.push_back(PendingTxn {
                     id,
+                    commit_time: None,
                     end_lsn: Some(wal_end),
                     unacked: 0,
                 });
@@ -208,7 +217,7 @@ mod tests {
     #[test]
     fn confirms_a_transaction_only_after_all_its_events_are_acked() {
         let mut progress = Progress::new(Lsn(10));
-        let txn = progress.begin();
+        let txn = progress.begin(0);
         progress.event_sent(txn);
         progress.event_sent(txn);
         assert_eq!(progress.commit(txn, Lsn(100)), None);
@@ -221,10 +230,10 @@ mod tests {
     #[test]
     fn never_passes_an_earlier_unacked_transaction() {
         let mut progress = Progress::new(Lsn(0));
-        let first = progress.begin();
+        let first = progress.begin(0);
         progress.event_sent(first);
         progress.commit(first, Lsn(100));
-        let second = progress.begin();
+        let second = progress.begin(0);
         progress.event_sent(second);
         progress.commit(second, Lsn(200));
 
@@ -237,7 +246,7 @@ mod tests {
     #[test]
     fn acks_before_the_commit_is_read_do_not_confirm() {
         let mut progress = Progress::new(Lsn(0));
-        let txn = progress.begin();
+        let txn = progress.begin(0);
         progress.event_sent(txn);
         assert_eq!(progress.acked(txn), None);
         assert_eq!(progress.commit(txn, Lsn(50)), Some(Lsn(50)));
@@ -246,7 +255,7 @@ mod tests {
     #[test]
     fn a_transaction_without_events_confirms_at_once_when_nothing_is_in_flight() {
         let mut progress = Progress::new(Lsn(0));
-        let txn = progress.begin();
+        let txn = progress.begin(0);
         assert_eq!(progress.commit(txn, Lsn(70)), Some(Lsn(70)));
     }
 
@@ -261,7 +270,7 @@ mod tests {
     #[test]
     fn keepalive_inside_a_transaction_is_ignored() {
         let mut progress = Progress::new(Lsn(0));
-        let txn = progress.begin();
+        let txn = progress.begin(0);
         assert_eq!(progress.keepalive(Lsn(500)), None);
         assert_eq!(progress.commit(txn, Lsn(600)), Some(Lsn(600)));
     }
@@ -269,7 +278,7 @@ mod tests {
     #[test]
     fn keepalive_behind_unacked_events_waits_for_them() {
         let mut progress = Progress::new(Lsn(0));
-        let txn = progress.begin();
+        let txn = progress.begin(0);
         progress.event_sent(txn);
         progress.commit(txn, Lsn(100));
         assert_eq!(progress.keepalive(Lsn(1000)), None);
@@ -279,11 +288,11 @@ mod tests {
     #[test]
     fn empty_transactions_behind_a_slow_one_take_one_entry() {
         let mut progress = Progress::new(Lsn(0));
-        let slow = progress.begin();
+        let slow = progress.begin(0);
         progress.event_sent(slow);
         progress.commit(slow, Lsn(10));
         for i in 0..10_000u64 {
-            let empty = progress.begin();
+            let empty = progress.begin(0);
             progress.commit(empty, Lsn(20 + i));
             progress.keepalive(Lsn(20 + i));
         }
@@ -294,11 +303,11 @@ mod tests {
     #[test]
     fn restart_forgets_the_open_transaction_and_keeps_the_confirmed_lsn() {
         let mut progress = Progress::new(Lsn(0));
-        let done = progress.begin();
+        let done = progress.begin(0);
         progress.event_sent(done);
         progress.commit(done, Lsn(100));
         progress.acked(done);
-        let torn = progress.begin();
+        let torn = progress.begin(0);
         progress.event_sent(torn);
         progress.restart_stream();
         assert_eq!(progress.confirmed(), Lsn(100));
@@ -318,7 +327,7 @@ mod tests {
             let mut progress = Progress::new(Lsn(0));
             let mut unacked: Vec<(TxnId, Lsn)> = Vec::new();
             for (i, &size) in sizes.iter().enumerate() {
-                let txn = progress.begin();
+                let txn = progress.begin(0);
                 let end = Lsn(100 * (i as u64 + 1));
                 for _ in 0..size {
                     progress.event_sent(txn);

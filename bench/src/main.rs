@@ -151,6 +151,7 @@ async fn main() {
         .env("OUTBOX_RELAY_SLOT", relay_slot)
         .env("OUTBOX_RELAY_TOPIC_TEMPLATE", format!("bench{run}.{{aggregate_type}}"))
         .env("OUTBOX_RELAY_LOG", "warn")
+        .env("OUTBOX_RELAY_METRICS_ADDR", "127.0.0.1:0")
         .stdout(Stdio::null())
         .spawn()
         .expect("relay");

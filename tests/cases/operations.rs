@@ -125,3 +125,77 @@ async fn the_shipped_least_privilege_role_can_run_the_relay() {
     db.wait_all_confirmed().await;
     db.drop().await;
 }
+
+/// The value of an unlabelled metric in Prometheus text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|line| line.split_whitespace().next() == Some(name))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_events_and_show_lag_near_zero_when_caught_up() {
+    let db = TestDb::new("metrics").await;
+    let relay = db.relay();
+    for i in 0..20 {
+        db.insert_event("order", &format!("k{i}"), r#"{"n": 1}"#).await;
+    }
+    db.wait_all_confirmed().await;
+    let confirmed = db.confirmed_flush_lsn().await;
+    let text = eventually(
+        Duration::from_secs(30),
+        "metrics of 20 events and a lag sample",
+        || async {
+            let (status, text) = relay.get("/metrics");
+            let published = metric(&text, "outbox_relay_events_published_total").unwrap_or(0.0);
+            let lag = metric(&text, "outbox_relay_lag_bytes").unwrap_or(f64::MAX);
+            (status == 200 && published >= 20.0 && lag < 1_000_000.0).then_some(text)
+        },
+    )
+    .await;
+    assert_eq!(metric(&text, "outbox_relay_events_published_total"), Some(20.0));
+    assert_eq!(metric(&text, "outbox_relay_bytes_published_total"), Some(20.0 * 8.0));
+    assert!(metric(&text, "outbox_relay_confirmed_lsn").unwrap() >= confirmed.0 as f64 - 1_000_000.0);
+    assert!(metric(&text, "outbox_relay_server_wal_lsn").unwrap() > 0.0);
+    assert_eq!(metric(&text, "outbox_relay_streaming"), Some(1.0));
+    assert!(text.contains("outbox_relay_commit_to_ack_seconds_bucket"), "{text}");
+    assert!(
+        text.contains("outbox_relay_slot_wal_status{status=\"reserved\"} 1"),
+        "{text}"
+    );
+    assert_eq!(relay.get("/healthz").0, 200);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_not_ready_while_the_broker_is_down_and_ready_after() {
+    let broker = devrig::Broker::start().unwrap();
+    let db = TestDb::new("readyz").await;
+    let relay = crate::support::Relay::start_with_servers(&db, &broker.bootstrap_servers(), &[]);
+    let id = db.insert_event("order", "k", "{}").await;
+    let mut consumer = crate::support::kafka::Consumer::new(&broker.bootstrap_servers(), &[db.topic("order")]);
+    consumer.read_until(Duration::from_secs(60), "the event", |records| {
+        records.iter().any(|r| r.id() == id)
+    });
+    eventually(Duration::from_secs(30), "ready", || async {
+        (relay.get("/readyz").0 == 200).then_some(())
+    })
+    .await;
+
+    broker.pause();
+    let (_, reason) = eventually(Duration::from_secs(30), "not ready during the outage", || async {
+        let (status, body) = relay.get("/readyz");
+        (status == 503).then_some((status, body))
+    })
+    .await;
+    assert!(reason.contains("Kafka"), "{reason}");
+    assert_eq!(relay.get("/healthz").0, 200, "alive all the same");
+
+    broker.resume();
+    eventually(Duration::from_secs(60), "ready again", || async {
+        (relay.get("/readyz").0 == 200).then_some(())
+    })
+    .await;
+    db.drop().await;
+}

@@ -19,6 +19,8 @@ pub fn command() -> Command {
         }
     }
     command.env("OUTBOX_RELAY_LOG", "info,outbox_relay=debug");
+    // Relays run side by side: each takes a free port for its operations endpoint.
+    command.env("OUTBOX_RELAY_METRICS_ADDR", "127.0.0.1:0");
     command
 }
 
@@ -106,6 +108,43 @@ impl Relay {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The operations endpoint's address, from the relay's log (waits until it is there).
+    pub fn metrics_addr(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log_text();
+            if let Some(line) = log.lines().find(|l| l.contains("operations endpoint listening")) {
+                if let Some(address) = line
+                    .split("address=")
+                    .nth(1)
+                    .and_then(|rest| rest.split_whitespace().next())
+                {
+                    return address.to_owned();
+                }
+            }
+            assert!(Instant::now() < deadline, "no operations endpoint in the log:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// GET `path` from the operations endpoint: status code and body.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.metrics_addr()).unwrap();
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: relay\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, body)| body.to_owned());
+        (status, body)
     }
 
     pub fn is_running(&mut self) -> bool {

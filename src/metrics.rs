@@ -1,0 +1,245 @@
+//! What the relay counts and measures, in one Prometheus registry.
+//!
+//! Names start with `outbox_relay_`. LSNs are exported as numbers (bytes into the WAL),
+//! so `server_wal_lsn - confirmed_lsn` can be graphed; `lag_bytes` is that difference as the
+//! slot sees it (sampled from `pg_replication_slots`), `lag_seconds` the age of the oldest
+//! commit the relay has read but not yet confirmed.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    pub events_published: Counter,
+    pub bytes_published: Counter,
+    pub events_dead_lettered: Counter,
+    pub events_skipped_already_written: Counter,
+    pub errors: Family<Labels, Counter>,
+    pub events_in_flight: Gauge,
+    pub transactions_decoded: Counter,
+    pub confirmed_lsn: Gauge,
+    pub server_wal_lsn: Gauge,
+    pub lag_bytes: Gauge,
+    pub lag_seconds: Gauge<f64, AtomicU64>,
+    pub heartbeat_round_trip_seconds: Gauge<f64, AtomicU64>,
+    pub commit_to_ack_seconds: Histogram,
+    pub reconnects: Counter,
+    pub slot_wal_status: Family<Labels, Gauge>,
+    pub slot_safe_wal_size_bytes: Gauge,
+    pub streaming: Gauge,
+    pub broker_reachable: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("outbox_relay");
+        let metrics = Metrics {
+            events_published: Counter::default(),
+            bytes_published: Counter::default(),
+            events_dead_lettered: Counter::default(),
+            events_skipped_already_written: Counter::default(),
+            errors: Family::default(),
+            events_in_flight: Gauge::default(),
+            transactions_decoded: Counter::default(),
+            confirmed_lsn: Gauge::default(),
+            server_wal_lsn: Gauge::default(),
+            lag_bytes: Gauge::default(),
+            lag_seconds: Gauge::default(),
+            heartbeat_round_trip_seconds: Gauge::default(),
+            commit_to_ack_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            reconnects: Counter::default(),
+            slot_wal_status: Family::default(),
+            slot_safe_wal_size_bytes: Gauge::default(),
+            streaming: Gauge::default(),
+            broker_reachable: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let m = &metrics;
+        registry.register(
+            "events_published",
+            "Events acknowledged by Kafka",
+            m.events_published.clone(),
+        );
+        registry.register(
+            "bytes_published",
+            "Payload bytes acknowledged by Kafka",
+            m.bytes_published.clone(),
+        );
+        registry.register(
+            "events_dead_lettered",
+            "Events sent to the dead-letter topic",
+            m.events_dead_lettered.clone(),
+        );
+        registry.register(
+            "events_skipped_already_written",
+            "Replayed events skipped because an earlier run wrote them (exactly-once)",
+            m.events_skipped_already_written.clone(),
+        );
+        registry.register("errors", "Errors by class (transient, poison, fatal)", m.errors.clone());
+        registry.register(
+            "events_in_flight",
+            "Events handed to Kafka, not yet acknowledged",
+            m.events_in_flight.clone(),
+        );
+        registry.register(
+            "transactions_decoded",
+            "Transactions read from the slot",
+            m.transactions_decoded.clone(),
+        );
+        registry.register(
+            "confirmed_lsn",
+            "LSN confirmed to PostgreSQL, as bytes into the WAL",
+            m.confirmed_lsn.clone(),
+        );
+        registry.register(
+            "server_wal_lsn",
+            "Server's current WAL position, as bytes",
+            m.server_wal_lsn.clone(),
+        );
+        registry.register(
+            "lag_bytes",
+            "Server WAL position minus the slot's confirmed position",
+            m.lag_bytes.clone(),
+        );
+        registry.register(
+            "lag_seconds",
+            "Age of the oldest commit read but not yet confirmed",
+            m.lag_seconds.clone(),
+        );
+        registry.register(
+            "heartbeat_round_trip_seconds",
+            "From writing the last heartbeat to reading it back from the slot",
+            m.heartbeat_round_trip_seconds.clone(),
+        );
+        registry.register(
+            "commit_to_ack_seconds",
+            "From an event's commit in PostgreSQL to its acknowledgement by Kafka",
+            m.commit_to_ack_seconds.clone(),
+        );
+        registry.register(
+            "reconnects",
+            "Replication sessions restarted after a failure",
+            m.reconnects.clone(),
+        );
+        registry.register(
+            "slot_wal_status",
+            "1 for the slot's current wal_status (reserved, extended, unreserved, lost)",
+            m.slot_wal_status.clone(),
+        );
+        registry.register(
+            "slot_safe_wal_size_bytes",
+            "WAL that can still be written before the slot is invalidated (-1: no limit)",
+            m.slot_safe_wal_size_bytes.clone(),
+        );
+        registry.register(
+            "streaming",
+            "1 while a replication session streams",
+            m.streaming.clone(),
+        );
+        registry.register(
+            "broker_reachable",
+            "1 while Kafka answers metadata requests",
+            m.broker_reachable.clone(),
+        );
+        Arc::new(Metrics { registry, ..metrics })
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    pub fn error(&self, class: &str) {
+        self.errors
+            .get_or_create(&vec![("class".to_owned(), class.to_owned())])
+            .inc();
+    }
+
+    pub fn set_wal_status(&self, status: &str) {
+        for known in ["reserved", "extended", "unreserved", "lost"] {
+            let value = i64::from(known == status);
+            self.slot_wal_status
+                .get_or_create(&vec![("status".to_owned(), known.to_owned())])
+                .set(value);
+        }
+    }
+}
+
+/// What `/readyz` decides from, shared between the relay loop, the monitor and the server.
+#[derive(Default)]
+pub struct Health {
+    streaming: AtomicBool,
+    broker_reachable: AtomicBool,
+    /// Milliseconds since `started` of the last acknowledgement (0: none yet).
+    last_ack_ms: AtomicU64,
+    /// Commit time (Unix microseconds) of the oldest unconfirmed transaction; 0: none.
+    oldest_unconfirmed_commit: AtomicI64,
+    started: std::sync::OnceLock<Instant>,
+}
+
+impl Health {
+    fn now_ms(&self) -> u64 {
+        self.started.get_or_init(Instant::now).elapsed().as_millis() as u64
+    }
+
+    pub fn set_streaming(&self, streaming: bool) {
+        self.streaming.store(streaming, Ordering::Relaxed);
+    }
+
+    pub fn set_broker_reachable(&self, reachable: bool) {
+        self.broker_reachable.store(reachable, Ordering::Relaxed);
+    }
+
+    pub fn acked(&self) {
+        self.last_ack_ms.store(self.now_ms().max(1), Ordering::Relaxed);
+    }
+
+    pub fn set_oldest_unconfirmed_commit(&self, unix_micros: Option<i64>) {
+        self.oldest_unconfirmed_commit
+            .store(unix_micros.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// Age of the oldest commit read but not yet confirmed; 0 when there is none.
+    pub fn lag_seconds(&self) -> f64 {
+        let oldest = self.oldest_unconfirmed_commit.load(Ordering::Relaxed);
+        if oldest == 0 {
+            return 0.0;
+        }
+        let now = crate::monitor::now_micros();
+        (now.saturating_sub(oldest) as f64 / 1e6).max(0.0)
+    }
+
+    /// `Ok` when ready; otherwise why not.
+    pub fn readiness(&self, metrics: &Metrics, max_lag: Duration) -> Result<(), String> {
+        if !self.streaming.load(Ordering::Relaxed) {
+            return Err("not streaming (waiting for the slot, or PostgreSQL unreachable)".into());
+        }
+        if !self.broker_reachable.load(Ordering::Relaxed) {
+            return Err("Kafka does not answer".into());
+        }
+        let in_flight = metrics.events_in_flight.get();
+        let since_ack = self.now_ms().saturating_sub(self.last_ack_ms.load(Ordering::Relaxed));
+        if in_flight > 0 && since_ack > 10_000 {
+            return Err(format!(
+                "{in_flight} events in flight and no acknowledgement for {since_ack} ms"
+            ));
+        }
+        let lag = self.lag_seconds();
+        if lag > max_lag.as_secs_f64() {
+            return Err(format!("lag {lag:.1} s exceeds {max_lag:?}"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,169 @@
+//! The monitor: samples the slot's view of the lag and whether Kafka answers, and writes
+//! the heartbeat.
+//!
+//! The heartbeat: every `--heartbeat-interval` the relay writes a non-transactional
+//! logical decoding message (`pg_logical_emit_message(false, 'outbox-relay.heartbeat', now)`)
+//! and watches for it on its own stream.
+//!
+//! Why: on a database where the outbox is idle, the heartbeat is WAL of our own that the
+//! slot must pass, so its confirmed position keeps up with the server and never pins WAL,
+//! whatever the server's keepalive habits. And the time from writing it to reading it back
+//! is the replication delay, in seconds, that an operator wants to see.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::producer::Producer as _;
+
+use crate::kafka::Producer;
+use crate::lsn::Lsn;
+use crate::metrics::{Health, Metrics};
+use crate::postgres::connection::Database;
+use crate::shutdown::Shutdown;
+
+/// The prefix of heartbeat messages. Other prefixes are the application's.
+pub const PREFIX: &str = "outbox-relay.heartbeat";
+
+pub fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// How long ago the heartbeat with this content was written.
+pub fn round_trip(content: &[u8]) -> Option<Duration> {
+    let written: i64 = std::str::from_utf8(content).ok()?.parse().ok()?;
+    let elapsed = now_micros().checked_sub(written)?;
+    u64::try_from(elapsed).ok().map(Duration::from_micros)
+}
+
+/// How often the slot and the broker are sampled.
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What the monitor needs.
+pub struct Monitor {
+    pub database: Database,
+    pub slot: String,
+    pub heartbeat_interval: Duration,
+    pub producer: Producer,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
+impl Monitor {
+    /// Samples and writes heartbeats until shutdown. Connection problems are logged and
+    /// retried at the next tick; a refusal for lack of privilege ends the heartbeat alone.
+    pub async fn run(self, mut shutdown: Shutdown) {
+        let tick = if self.heartbeat_interval.is_zero() {
+            SAMPLE_INTERVAL
+        } else {
+            self.heartbeat_interval.min(SAMPLE_INTERVAL)
+        };
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut client = None;
+        let mut warned = false;
+        let mut heartbeat = !self.heartbeat_interval.is_zero();
+        let mut last_beat: Option<Instant> = None;
+        let mut last_sample: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                biased;
+                // Shutdown ends the monitor at once; a sample is never worth waiting for.
+                _ = shutdown.wait() => return,
+                _ = ticker.tick() => {}
+            }
+            if client.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+                client = self.database.connect().await.ok();
+            }
+            let Some(connection) = client.as_ref() else { continue };
+            let mut failed = None;
+            if heartbeat && last_beat.is_none_or(|at| at.elapsed() >= self.heartbeat_interval) {
+                last_beat = Some(Instant::now());
+                let sent = connection
+                    .execute(
+                        "SELECT pg_logical_emit_message(false, $1, $2)",
+                        &[&PREFIX, &now_micros().to_string()],
+                    )
+                    .await;
+                match sent {
+                    Ok(_) => {}
+                    Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+                        tracing::warn!(%error, "heartbeat disabled: the relay's role may not call pg_logical_emit_message");
+                        heartbeat = false;
+                    }
+                    Err(error) => failed = Some(error),
+                }
+            }
+            if failed.is_none() && last_sample.is_none_or(|at| at.elapsed() >= SAMPLE_INTERVAL) {
+                last_sample = Some(Instant::now());
+                if let Err(error) = self.sample_slot(connection).await {
+                    failed = Some(error);
+                }
+                self.sample_broker().await;
+            }
+            match failed {
+                None => warned = false,
+                Some(error) => {
+                    if !warned {
+                        tracing::warn!(error = %self.database.connect_error(&error), "monitor: PostgreSQL did not answer; retrying");
+                        warned = true;
+                    }
+                    client = None;
+                }
+            }
+        }
+    }
+
+    async fn sample_slot(&self, client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+        let row = client
+            .query_opt(
+                "SELECT pg_current_wal_lsn()::text, confirmed_flush_lsn::text, wal_status, safe_wal_size
+                   FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await?;
+        let Some(row) = row else { return Ok(()) };
+        let parse = |text: Option<String>| text.and_then(|t| t.parse::<Lsn>().ok()).unwrap_or_default();
+        let server = parse(row.get(0));
+        let confirmed = parse(row.get(1));
+        self.metrics.server_wal_lsn.set(server.0 as i64);
+        self.metrics.lag_bytes.set(server.bytes_since(confirmed) as i64);
+        if let Some(status) = row.get::<_, Option<String>>(2) {
+            self.metrics.set_wal_status(&status);
+        }
+        self.metrics
+            .slot_safe_wal_size_bytes
+            .set(row.get::<_, Option<i64>>(3).unwrap_or(-1));
+        Ok(())
+    }
+
+    /// Asks Kafka for metadata (bounded, off the async threads).
+    async fn sample_broker(&self) {
+        let producer = self.producer.clone();
+        let answered = tokio::task::spawn_blocking(move || {
+            producer
+                .inner()
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        self.health.set_broker_reachable(answered);
+        self.metrics.broker_reachable.set(i64::from(answered));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_reads_the_written_time() {
+        let written = (now_micros() - 1_500_000).to_string();
+        let trip = round_trip(written.as_bytes()).unwrap_or_default();
+        assert!(trip >= Duration::from_millis(1_500) && trip < Duration::from_secs(60));
+        assert_eq!(round_trip(b"not a time"), None);
+    }
+}
