@@ -438,19 +438,13 @@ impl Relay {
             }
             Message::Relation(relation) => self.mapper.relation(&relation),
             Message::Insert(insert) => {
-                let txn = open
-                    .as_mut()
-                    .ok_or_else(|| RelayError::Protocol("Insert outside a transaction".into()))?;
-                let position = SourcePosition {
-                    commit_lsn: txn.commit_lsn,
-                    index: txn.next_index,
-                };
-                txn.next_index += 1;
-                let txn = TxnRef {
-                    id: txn.id,
-                    commit_time: txn.commit_time,
-                };
+                let (position, txn) = next_position(open, "Insert")?;
                 self.on_insert(&insert, position, txn, stream).await?;
+            }
+            // A table-less event, written inside the business transaction.
+            Message::Logical(message) if message.transactional && message.prefix == crate::outbox::MESSAGE_PREFIX => {
+                let (position, txn) = next_position(open, "outbox message")?;
+                self.on_message_event(&message.content, position, txn, stream).await?;
             }
             // Our heartbeat: everything before it has been sent, like a keepalive.
             Message::Logical(message) if !message.transactional && message.prefix == crate::monitor::PREFIX => {
@@ -479,16 +473,43 @@ impl Relay {
         txn: TxnRef,
         stream: &ReplicationStream,
     ) -> Result<(), SessionError> {
-        let event = match self.mapper.map(insert, position) {
-            Ok(event) => event,
+        match self.mapper.map(insert, position) {
+            Ok(event) => self.publish(event, txn, stream).await,
             Err(error) => {
                 tracing::warn!(%error, "outbox row cannot be published");
                 let (key, payload) = self.mapper.salvage(insert);
-                return self
-                    .dead_letter(DeadLetter::from_mapping(&error, key, payload), txn, stream)
-                    .await;
+                self.dead_letter(DeadLetter::from_mapping(&error, key, payload), txn, stream)
+                    .await
             }
-        };
+        }
+    }
+
+    /// A table-less event: a transactional logical message with the outbox prefix.
+    async fn on_message_event(
+        &mut self,
+        content: &bytes::Bytes,
+        position: SourcePosition,
+        txn: TxnRef,
+        stream: &ReplicationStream,
+    ) -> Result<(), SessionError> {
+        match self.mapper.map_message(content, position) {
+            Ok(event) => self.publish(event, txn, stream).await,
+            Err(error) => {
+                tracing::warn!(%error, "outbox message cannot be published");
+                let letter = DeadLetter::from_mapping(&error, None, Some(content.clone()));
+                self.dead_letter(letter, txn, stream).await
+            }
+        }
+    }
+
+    /// Routes an event (skipping it if an earlier run wrote it) and hands it to Kafka; a
+    /// refusal for good dead-letters it.
+    async fn publish(
+        &mut self,
+        event: OutboxEvent,
+        txn: TxnRef,
+        stream: &ReplicationStream,
+    ) -> Result<(), SessionError> {
         let route = match self.route_unwritten(&event) {
             Ok(Some(route)) => route,
             Ok(None) => return Ok(()),
@@ -728,6 +749,25 @@ impl Relay {
         stream.finish(confirmed, Duration::from_secs(2)).await;
         confirmed
     }
+}
+
+/// The source position of the next event of the open transaction.
+fn next_position(open: &mut Option<OpenTxn>, what: &str) -> Result<(SourcePosition, TxnRef), SessionError> {
+    let txn = open
+        .as_mut()
+        .ok_or_else(|| RelayError::Protocol(format!("{what} outside a transaction")))?;
+    let position = SourcePosition {
+        commit_lsn: txn.commit_lsn,
+        index: txn.next_index,
+    };
+    txn.next_index += 1;
+    Ok((
+        position,
+        TxnRef {
+            id: txn.id,
+            commit_time: txn.commit_time,
+        },
+    ))
 }
 
 /// Kafka refused a record before queueing it.

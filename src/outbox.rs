@@ -274,6 +274,93 @@ impl Mapper {
                 extra_headers(json, &mut headers).map_err(with_id)?;
             }
         }
+        self.standard_headers(&mut headers, &id, event_type, aggregate_type, position);
+
+        Ok(OutboxEvent {
+            id,
+            topic,
+            key,
+            payload,
+            headers,
+            position,
+        })
+    }
+}
+
+/// The prefix of logical decoding messages that are outbox events (table-less mode).
+pub const MESSAGE_PREFIX: &str = "outbox";
+
+/// The documented JSON shape of a table-less event, written with
+/// `pg_logical_emit_message(true, 'outbox', '{...}')` inside the business transaction.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageEvent<'a> {
+    /// Optional; defaults to `<commit LSN>:<index>`, which is the same on every replay.
+    id: Option<String>,
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    /// Any JSON; published byte for byte as written.
+    #[serde(borrow)]
+    payload: &'a serde_json::value::RawValue,
+    /// Optional object of extra headers, as the table's `headers` column.
+    #[serde(borrow)]
+    headers: Option<&'a serde_json::value::RawValue>,
+}
+
+impl Mapper {
+    /// Builds the record for a table-less event (a transactional logical message with the
+    /// prefix [`MESSAGE_PREFIX`]), with the same topic, key, value and headers a table row
+    /// with these values would get.
+    pub fn map_message(&self, content: &[u8], position: SourcePosition) -> Result<OutboxEvent, MappingError> {
+        let fail = |reason: String| MappingError {
+            id: None,
+            position,
+            reason,
+        };
+        let message: MessageEvent<'_> = serde_json::from_slice(content)
+            .map_err(|e| fail(format!("logical message is not the outbox JSON shape: {e}")))?;
+        let id = message
+            .id
+            .unwrap_or_else(|| format!("{}:{}", position.commit_lsn, position.index));
+        let with_id = |reason: String| MappingError {
+            id: Some(id.clone()),
+            position,
+            reason,
+        };
+        let topic = self
+            .template
+            .render(&message.aggregate_type, &message.event_type)
+            .map_err(with_id)?;
+        let mut headers = Vec::with_capacity(6);
+        if let Some(extra) = message.headers {
+            extra_headers(extra.get().as_bytes(), &mut headers).map_err(with_id)?;
+        }
+        self.standard_headers(
+            &mut headers,
+            &id,
+            &message.event_type,
+            &message.aggregate_type,
+            position,
+        );
+        Ok(OutboxEvent {
+            key: Bytes::from(message.aggregate_id),
+            payload: Bytes::copy_from_slice(message.payload.get().as_bytes()),
+            topic,
+            id,
+            headers,
+            position,
+        })
+    }
+
+    fn standard_headers(
+        &self,
+        headers: &mut Vec<(String, Option<Bytes>)>,
+        id: &str,
+        event_type: &str,
+        aggregate_type: &str,
+        position: SourcePosition,
+    ) {
         headers.push((HEADER_ID.to_owned(), Some(Bytes::copy_from_slice(id.as_bytes()))));
         headers.push((
             HEADER_EVENT_TYPE.to_owned(),
@@ -292,19 +379,8 @@ impl Mapper {
             Some(Bytes::from(position.index.to_string())),
         ));
         headers.push((HEADER_SOURCE.to_owned(), Some(self.source.clone())));
-
-        Ok(OutboxEvent {
-            id,
-            topic,
-            key,
-            payload,
-            headers,
-            position,
-        })
     }
-}
 
-impl Mapper {
     /// What can still be read from a row that could not be mapped: its key and payload
     /// (for the dead-letter record).
     pub fn salvage(&self, insert: &Insert) -> (Option<Bytes>, Option<Bytes>) {
@@ -488,6 +564,29 @@ mod tests {
         };
         let error = mapper.map(&row, POSITION).err().unwrap_or_else(|| panic!("mapped"));
         assert!(error.reason.contains("public.orders"), "{error}");
+    }
+
+    #[test]
+    fn table_less_messages_map_like_rows() {
+        let content = br#"{"aggregate_type": "order", "aggregate_id": "o-1", "event_type": "Placed",
+                            "payload": {"total":  5}, "headers": {"traceparent": "00-ab"}}"#;
+        let event = mapper()
+            .map_message(content, POSITION)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(event.topic, "outbox.event.order");
+        assert_eq!(event.key, Bytes::from_static(b"o-1"));
+        assert_eq!(
+            event.payload,
+            Bytes::from_static(br#"{"total":  5}"#),
+            "payload kept byte for byte"
+        );
+        assert_eq!(event.id, "1/A0:3", "a missing id is derived from the position");
+        assert!(event
+            .headers
+            .iter()
+            .any(|(k, v)| k == "traceparent" && v.as_deref() == Some(&b"00-ab"[..])));
+        assert!(mapper().map_message(b"{}", POSITION).is_err());
+        assert!(mapper().map_message(b"not json", POSITION).is_err());
     }
 
     #[test]

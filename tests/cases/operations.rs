@@ -199,3 +199,56 @@ async fn readyz_is_not_ready_while_the_broker_is_down_and_ready_after() {
     .await;
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logical_message_events_arrive_shaped_like_table_events() {
+    let db = TestDb::new("tableless").await;
+    let _relay = db.relay();
+    let row_id = db
+        .client
+        .query_one(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers)
+             VALUES ('order', 'o-1', 'Placed', '{\"total\": 5}', '{\"tenant\": \"t1\"}') RETURNING id::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    db.client
+        .batch_execute(
+            r#"BEGIN;
+               SELECT pg_logical_emit_message(true, 'outbox',
+                 '{"id": "m-1", "aggregate_type": "order", "aggregate_id": "o-1", "event_type": "Placed",
+                   "payload": {"total": 5}, "headers": {"tenant": "t1"}}');
+               COMMIT;
+               BEGIN;
+               SELECT pg_logical_emit_message(true, 'outbox',
+                 '{"id": "m-rolled-back", "aggregate_type": "order", "aggregate_id": "o-1", "event_type": "Placed", "payload": {}}');
+               ROLLBACK;
+               SELECT pg_logical_emit_message(true, 'someone-else', 'not ours');"#,
+        )
+        .await
+        .unwrap();
+    let marker = db.insert_event("order", "o-2", "{}").await;
+    let mut consumer = crate::support::kafka::Consumer::new(&db.bootstrap_servers, &[db.topic("order")]);
+    let expected: std::collections::HashSet<String> = [row_id.clone(), "m-1".to_owned(), marker].into();
+    consumer.read_until(Duration::from_secs(60), "row, message and marker", |records| {
+        records.iter().filter(|r| expected.contains(&r.id())).count() == 3
+    });
+    consumer.read_until_quiet(Duration::from_secs(1));
+    let ids: std::collections::HashSet<String> = consumer.records.iter().map(|r| r.id()).collect();
+    assert_eq!(ids, expected, "rolled-back and foreign messages are not published");
+    assert_eq!(consumer.records.len(), 3);
+    let row = consumer.records.iter().find(|r| r.id() == row_id).unwrap();
+    let message = consumer.records.iter().find(|r| r.id() == "m-1").unwrap();
+    assert_eq!(
+        (row.topic.as_str(), row.key_text()),
+        (message.topic.as_str(), message.key_text())
+    );
+    assert_eq!(row.payload, message.payload, "same value bytes");
+    for header in ["event_type", "aggregate_type", "tenant"] {
+        assert_eq!(row.header(header), message.header(header), "header {header}");
+    }
+    db.wait_all_confirmed().await;
+    db.drop().await;
+}
