@@ -93,15 +93,7 @@ async fn a_relay_killed_mid_stream_loses_nothing_after_restart() {
         let client = connect(&url).await;
         let mut ids = Vec::new();
         for i in 0..3_000 {
-            let row = client
-                .query_one(
-                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
-                     VALUES ('order', $1, 'Tested', '{}') RETURNING id::text",
-                    &[&format!("k{}", i % 17)],
-                )
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            ids.push(row.get::<_, String>(0));
+            ids.push(crate::support::insert_event(&client, "order", &format!("k{}", i % 17), "{}").await);
         }
         ids
     });

@@ -195,15 +195,7 @@ async fn postgres_restarted_mid_stream_is_resumed() {
     postgres.restart().unwrap();
     let client = connect(&db.url).await;
     for i in 0..100 {
-        let row = client
-            .query_one(
-                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
-                 VALUES ('order', $1, 'Tested', '{}') RETURNING id::text",
-                &[&format!("k{}", i % 5)],
-            )
-            .await
-            .unwrap();
-        ids.insert(row.get(0));
+        ids.insert(crate::support::insert_event(&client, "order", &format!("k{}", i % 5), "{}").await);
     }
     consumer.read_until(Duration::from_secs(90), "every event after the restart", |records| {
         records.len() >= ids.len()

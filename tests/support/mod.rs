@@ -185,16 +185,7 @@ impl TestDb {
 
     /// Inserts one event in its own transaction; returns its id.
     pub async fn insert_event(&self, aggregate_type: &str, aggregate_id: &str, payload: &str) -> String {
-        let row = self
-            .client
-            .query_one(
-                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
-                 VALUES ($1, $2, 'Tested', $3::text::jsonb) RETURNING id::text",
-                &[&aggregate_type, &aggregate_id, &payload],
-            )
-            .await
-            .unwrap_or_else(|e| panic!("insert failed: {e}"));
-        row.get(0)
+        insert_event(&self.client, aggregate_type, aggregate_id, payload).await
     }
 
     pub async fn current_wal_lsn(&self) -> Lsn {
@@ -244,6 +235,19 @@ impl TestDb {
             .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
             .await;
     }
+}
+
+/// Inserts one event through `client` in its own transaction; returns its id.
+pub async fn insert_event(client: &Client, aggregate_type: &str, aggregate_id: &str, payload: &str) -> String {
+    let row = client
+        .query_one(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             VALUES ($1, $2, 'Tested', $3::text::jsonb) RETURNING id::text",
+            &[&aggregate_type, &aggregate_id, &payload],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("insert failed: {e}"));
+    row.get(0)
 }
 
 pub fn parse_lsn(text: Option<String>) -> Lsn {
