@@ -58,3 +58,18 @@ fn docs_and_compose_name_no_setting_the_code_lacks() {
         }
     }
 }
+
+#[test]
+fn the_alert_rules_pass_promtool() {
+    let rules = format!("{}/deploy/prometheus-alerts.yml", env!("CARGO_MANIFEST_DIR"));
+    let output = std::process::Command::new("promtool")
+        .args(["check", "rules", &rules])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run promtool ({e}); scripts/install-deps installs it"));
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
