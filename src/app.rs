@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use crate::config::{Delivery, OnPoison, RunArgs, SlotBusy};
+use crate::config::{Delivery, OnPoison, Preset, RunArgs, SlotBusy};
 use crate::dead_letter::DeadLetter;
 use crate::error::RelayError;
 use crate::kafka::{
@@ -43,6 +43,7 @@ pub struct RelaySettings {
     pub publication: String,
     pub producer: ProducerSettings,
     pub template: TopicTemplate,
+    pub columns: ColumnNames,
     pub delivery: Delivery,
     pub on_poison: OnPoison,
     pub dead_letter_topic: String,
@@ -69,6 +70,10 @@ impl RelaySettings {
             },
             template: TopicTemplate::parse(&args.kafka.topic_template)
                 .map_err(|e| RelayError::Config(e.to_string()))?,
+            columns: match args.kafka.preset {
+                Preset::Default => ColumnNames::default(),
+                Preset::Debezium => ColumnNames::debezium(),
+            },
             delivery: args.delivery,
             on_poison: args.on_poison,
             dead_letter_topic: args.dead_letter_topic.clone(),
@@ -120,7 +125,7 @@ pub async fn run(settings: RelaySettings, shutdown: Shutdown) -> Result<(), Rela
     let monitor = tokio::spawn(monitor.run(shutdown.clone()));
 
     let source = settings.source();
-    let mapper = Mapper::new(settings.template.clone(), ColumnNames::default(), &source);
+    let mapper = Mapper::new(settings.template.clone(), settings.columns.clone(), &source);
     let exactly_once = settings.delivery == Delivery::ExactlyOnce;
     let fence = Fence::new(producer.clone(), &settings.producer, source, exactly_once);
     let mut relay = Relay {

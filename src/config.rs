@@ -85,6 +85,11 @@ pub struct KafkaArgs {
     #[arg(long = "kafka-property", env = "OUTBOX_RELAY_KAFKA_PROPERTIES", value_delimiter = ';', value_parser = parse_property)]
     pub kafka_properties: Vec<(String, String)>,
 
+    /// Column names: `default` (aggregate_type, aggregate_id, event_type, payload, headers)
+    /// or `debezium` (aggregatetype, aggregateid, type, payload; other columns become headers).
+    #[arg(long, env = "OUTBOX_RELAY_PRESET", value_enum, default_value_t = Preset::Default)]
+    pub preset: Preset,
+
     /// Topic for each event; {aggregate_type} and {event_type} are replaced by the row's values.
     #[arg(
         long,
@@ -145,6 +150,12 @@ pub struct RunArgs {
     /// Longest wait between attempts to reconnect to PostgreSQL.
     #[arg(long, env = "OUTBOX_RELAY_RECONNECT_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
     pub reconnect_backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    Default,
+    Debezium,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

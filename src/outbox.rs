@@ -62,7 +62,7 @@ pub struct TemplateError {
     pub reason: String,
 }
 
-/// The outbox column names. Fixed for now; a Debezium preset will supply other names.
+/// The outbox column names, and whether other columns become headers.
 #[derive(Debug, Clone)]
 pub struct ColumnNames {
     pub id: String,
@@ -71,6 +71,43 @@ pub struct ColumnNames {
     pub event_type: String,
     pub payload: String,
     pub headers: String,
+    /// Every column not named above (and not `created_at`) becomes a header with its text
+    /// value, as Debezium's `table.fields.additional.placement` does.
+    pub extra_columns_as_headers: bool,
+}
+
+/// A column whose value, when present, is carried into the header of the same name, so
+/// that traces continue across the relay (W3C Trace Context).
+pub const TRACEPARENT: &str = "traceparent";
+
+impl ColumnNames {
+    /// The column names of Debezium's Outbox Event Router (`aggregatetype`, `aggregateid`,
+    /// `type`, `payload`), with any further columns as headers.
+    pub fn debezium() -> Self {
+        ColumnNames {
+            id: "id".into(),
+            aggregate_type: "aggregatetype".into(),
+            aggregate_id: "aggregateid".into(),
+            event_type: "type".into(),
+            payload: "payload".into(),
+            headers: "headers".into(),
+            extra_columns_as_headers: true,
+        }
+    }
+
+    fn is_known(&self, column: &str) -> bool {
+        [
+            &self.id,
+            &self.aggregate_type,
+            &self.aggregate_id,
+            &self.event_type,
+            &self.payload,
+            &self.headers,
+        ]
+        .iter()
+        .any(|name| name.as_str() == column)
+            || column == "created_at"
+    }
 }
 
 impl Default for ColumnNames {
@@ -82,6 +119,7 @@ impl Default for ColumnNames {
             event_type: "event_type".into(),
             payload: "payload".into(),
             headers: "headers".into(),
+            extra_columns_as_headers: false,
         }
     }
 }
@@ -115,8 +153,9 @@ impl TopicTemplate {
                 .find('}')
                 .ok_or_else(|| error("a '{' is never closed".into()))?;
             let segment = match &rest[open + 1..open + close] {
-                "aggregate_type" => Segment::AggregateType,
-                "event_type" => Segment::EventType,
+                // Debezium's spellings are accepted too.
+                "aggregate_type" | "aggregatetype" => Segment::AggregateType,
+                "event_type" | "type" => Segment::EventType,
                 other => {
                     return Err(error(format!(
                         "unknown placeholder {{{other}}}; use {{aggregate_type}} or {{event_type}}"
@@ -172,6 +211,8 @@ struct Layout {
     event_type: usize,
     payload: usize,
     headers: Option<usize>,
+    /// Columns carried as headers: `traceparent` always, others with the Debezium preset.
+    header_columns: Vec<(usize, String)>,
 }
 
 /// Maps inserts to events, remembering each table's layout from its Relation message.
@@ -214,6 +255,16 @@ impl Mapper {
                 event_type: require(&self.names.event_type)?,
                 payload: require(&self.names.payload)?,
                 headers: find(&self.names.headers),
+                header_columns: relation
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, column)| {
+                        column.name == TRACEPARENT
+                            || (self.names.extra_columns_as_headers && !self.names.is_known(&column.name))
+                    })
+                    .map(|(index, column)| (index, column.name.clone()))
+                    .collect(),
             })
         })();
         self.layouts.insert(relation.id, layout);
@@ -272,6 +323,11 @@ impl Mapper {
         if let Some(index) = layout.headers {
             if let Some(json) = value(index).map_err(with_id)? {
                 extra_headers(json, &mut headers).map_err(with_id)?;
+            }
+        }
+        for (index, name) in &layout.header_columns {
+            if let Some(text) = value(*index).map_err(with_id)? {
+                headers.push((name.clone(), Some(text.clone())));
             }
         }
         self.standard_headers(&mut headers, &id, event_type, aggregate_type, position);
@@ -593,6 +649,7 @@ mod tests {
     fn templates_accept_known_placeholders_only() {
         assert!(TopicTemplate::parse("events").is_ok());
         assert!(TopicTemplate::parse("{aggregate_type}.{event_type}").is_ok());
+        assert!(TopicTemplate::parse("outbox.event.{aggregatetype}").is_ok());
         assert!(TopicTemplate::parse("x.{aggregate_id}").is_err());
         assert!(TopicTemplate::parse("x.{aggregate_type").is_err());
         assert!(TopicTemplate::parse("x}").is_err());

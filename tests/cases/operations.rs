@@ -252,3 +252,64 @@ async fn logical_message_events_arrive_shaped_like_table_events() {
     db.wait_all_confirmed().await;
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_debezium_preset_publishes_a_debezium_outbox_table_like_debezium() {
+    let mut db = TestDb::new("debezium").await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE outboxevent (
+                 id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+                 aggregatetype varchar(255) NOT NULL,
+                 aggregateid varchar(255) NOT NULL,
+                 type varchar(255) NOT NULL,
+                 payload jsonb,
+                 tenant text,
+                 traceparent text);
+             CREATE PUBLICATION dbz_pub FOR TABLE outboxevent WITH (publish = 'insert');",
+        )
+        .await
+        .unwrap();
+    db.publication = "dbz_pub".into();
+    let _relay = db.relay_with(&[
+        "--preset",
+        "debezium",
+        "--topic-template",
+        "outbox.event.{aggregatetype}",
+    ]);
+    // Debezium routes by aggregatetype to outbox.event.<aggregatetype>; a per-test value
+    // keeps this test's topic its own.
+    let aggregate_type = db.name.clone();
+    let id: String = db
+        .client
+        .query_one(
+            "INSERT INTO outboxevent (aggregatetype, aggregateid, type, payload, tenant, traceparent)
+             VALUES ($1, 'order-9', 'OrderCreated', '{\"total\": 9}', 'acme',
+                     '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01')
+             RETURNING id::text",
+            &[&aggregate_type],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let topic = format!("outbox.event.{aggregate_type}");
+    let mut consumer = crate::support::kafka::Consumer::new(&db.bootstrap_servers, std::slice::from_ref(&topic));
+    consumer.read_until(Duration::from_secs(60), "the Debezium-shaped event", |records| {
+        !records.is_empty()
+    });
+    let record = &consumer.records[0];
+    assert_eq!(record.topic, topic);
+    assert_eq!(record.key_text(), "order-9");
+    assert_eq!(record.payload.as_deref(), Some(&b"{\"total\": 9}"[..]));
+    assert_eq!(record.header("id"), Some(id));
+    assert_eq!(
+        record.header("tenant").as_deref(),
+        Some("acme"),
+        "extra columns become headers"
+    );
+    assert_eq!(
+        record.header("traceparent").as_deref(),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    );
+    db.drop().await;
+}
