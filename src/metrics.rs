@@ -150,6 +150,11 @@ impl Metrics {
             "1 while Kafka answers metadata requests",
             m.broker_reachable.clone(),
         );
+        // Every error class is exported from the start (at 0), so rates and alerts see a
+        // series before the first error, not "no data".
+        for class in ["transient", "poison", "fatal"] {
+            m.errors.get_or_create(&vec![("class".to_owned(), class.to_owned())]);
+        }
         Arc::new(Metrics { registry, ..metrics })
     }
 
@@ -241,5 +246,26 @@ impl Health {
             return Err(format!("lag {lag:.1} s exceeds {max_lag:?}"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_exported_even_before_its_first_sample() {
+        let metrics = Metrics::new();
+        metrics.set_wal_status("reserved");
+        let text = metrics.encode();
+        for line in [
+            "outbox_relay_errors_total{class=\"poison\"} 0",
+            "outbox_relay_errors_total{class=\"transient\"} 0",
+            "outbox_relay_errors_total{class=\"fatal\"} 0",
+            "outbox_relay_slot_wal_status{status=\"reserved\"} 1",
+            "outbox_relay_events_published_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
     }
 }

@@ -165,6 +165,25 @@ async fn metrics_count_events_and_show_lag_near_zero_when_caught_up() {
         "{text}"
     );
     assert_eq!(relay.get("/healthz").0, 200);
+
+    // The alert rules and the dashboard only use metrics the relay exports.
+    for file in ["deploy/prometheus-alerts.yml", "deploy/grafana-dashboard.json"] {
+        let content = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        for name in content
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|word| word.starts_with("outbox_relay_"))
+        {
+            // A labelled family with no series yet shows only its `# TYPE` line, by base name.
+            let base = ["_total", "_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            assert!(
+                text.contains(&format!("# TYPE {base} ")),
+                "{file} uses {name}, which /metrics does not export"
+            );
+        }
+    }
     db.drop().await;
 }
 
