@@ -153,7 +153,9 @@ impl Metrics {
         // Every error class is exported from the start (at 0), so rates and alerts see a
         // series before the first error, not "no data".
         for class in ["transient", "poison", "fatal"] {
-            m.errors.get_or_create(&vec![("class".to_owned(), class.to_owned())]);
+            m.errors
+                .get_or_create(&vec![("class".to_owned(), class.to_owned())])
+                .inc_by(0);
         }
         Arc::new(Metrics { registry, ..metrics })
     }
