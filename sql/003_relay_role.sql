@@ -1,8 +1,9 @@
 -- A least-privilege login for outbox-relay, for a database administrator to run.
 --
--- REPLICATION lets it create and stream the logical slot; it needs no superuser, no
--- ownership and no write access. SELECT on the outbox lets `setup` and operators check the
--- table. Set the password afterwards, outside of version control:
+-- REPLICATION lets it create and stream the logical slot; it needs no superuser and no
+-- ownership. SELECT on the outbox lets `setup` and operators check the table; DELETE is
+-- used only by `run --retention` to remove rows whose events are published (revoke it if
+-- you do not use retention). Set the password afterwards, outside of version control:
 --     ALTER ROLE outbox_relay PASSWORD '...';
 -- and allow it in pg_hba.conf for the "replication"-capable database connection, e.g.
 --     host  app  outbox_relay  10.0.0.0/8  scram-sha-256
@@ -21,4 +22,4 @@ BEGIN
 END
 $$;
 GRANT USAGE ON SCHEMA public TO outbox_relay;
-GRANT SELECT ON public.outbox TO outbox_relay;
+GRANT SELECT, DELETE ON public.outbox TO outbox_relay;

@@ -54,6 +54,7 @@ pub struct RelaySettings {
     pub max_in_flight: usize,
     pub shutdown_timeout: Duration,
     pub reconnect_backoff_max: Duration,
+    pub retention: Option<Duration>,
 }
 
 impl RelaySettings {
@@ -84,6 +85,7 @@ impl RelaySettings {
             max_in_flight: args.max_in_flight as usize,
             shutdown_timeout: args.shutdown_timeout,
             reconnect_backoff_max: args.reconnect_backoff_max,
+            retention: args.retention,
         })
     }
 
@@ -123,6 +125,17 @@ pub async fn run(settings: RelaySettings, shutdown: Shutdown) -> Result<(), Rela
         health: Arc::clone(&health),
     };
     let monitor = tokio::spawn(monitor.run(shutdown.clone()));
+    let (confirmed, confirmed_seen) = tokio::sync::watch::channel(Lsn::ZERO);
+    let cleaner = settings.retention.map(|retention| {
+        let cleaner = crate::cleanup::Cleaner {
+            database: settings.database.clone(),
+            publication: settings.publication.clone(),
+            retention,
+            confirmed: confirmed_seen,
+            metrics: Arc::clone(&metrics),
+        };
+        tokio::spawn(cleaner.run(shutdown.clone()))
+    });
 
     let source = settings.source();
     let mapper = Mapper::new(settings.template.clone(), settings.columns.clone(), &source);
@@ -137,6 +150,7 @@ pub async fn run(settings: RelaySettings, shutdown: Shutdown) -> Result<(), Rela
         poisoned: VecDeque::new(),
         metrics,
         health,
+        confirmed,
     };
     let result = relay.run(shutdown).await;
     let m = &relay.metrics;
@@ -149,6 +163,10 @@ pub async fn run(settings: RelaySettings, shutdown: Shutdown) -> Result<(), Rela
     // Both end on the shutdown signal; after a failure they are stopped here.
     monitor.abort();
     server.abort();
+    if let Some(cleaner) = cleaner {
+        cleaner.abort();
+        let _ = cleaner.await;
+    }
     let _ = monitor.await;
     let _ = server.await;
     result
@@ -226,6 +244,8 @@ struct Relay {
     poisoned: VecDeque<(EventTag, Failure)>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// The confirmed LSN, for the cleaner.
+    confirmed: tokio::sync::watch::Sender<Lsn>,
 }
 
 impl Relay {
@@ -366,6 +386,7 @@ impl Relay {
         let start = slot_position.max(own);
         // Nothing is in flight between sessions, so progress can restart from here.
         self.progress = Some(Progress::new(start));
+        self.confirmed.send_replace(start);
         Ok(start)
     }
 
@@ -711,6 +732,7 @@ impl Relay {
                 stream.confirm(lsn);
             }
             self.metrics.confirmed_lsn.set(lsn.0 as i64);
+            self.confirmed.send_replace(lsn);
         }
         let oldest = self
             .progress

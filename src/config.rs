@@ -147,6 +147,11 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_RELAY_SHUTDOWN_TIMEOUT", default_value = "8s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Delete outbox rows this long after their commit, once their events are confirmed
+    /// (e.g. 1h; 0s: as soon as confirmed). Unset: rows are kept.
+    #[arg(long, env = "OUTBOX_RELAY_RETENTION", value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
+
     /// Longest wait between attempts to reconnect to PostgreSQL.
     #[arg(long, env = "OUTBOX_RELAY_RECONNECT_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
     pub reconnect_backoff_max: Duration,

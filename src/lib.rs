@@ -17,9 +17,11 @@
 //! verdict), [`postgres::slot`]
 //! (inspecting the slot), [`error`] (what ends a run), [`shutdown`] (the stop signal),
 //! [`monitor`] (heartbeat that keeps an idle slot moving; samples slot and broker),
+//! [`cleanup`] (deletes published rows after `--retention`),
 //! [`metrics`] and [`http`] (Prometheus, health and readiness), [`lsn`] (WAL positions).
 
 pub mod app;
+pub mod cleanup;
 pub mod config;
 pub mod dead_letter;
 pub mod error;

@@ -14,6 +14,7 @@ pub struct Lsn(pub u64);
 impl Lsn {
     /// The invalid position `0/0`, which PostgreSQL reads as "no position".
     pub const ZERO: Lsn = Lsn(0);
+    pub const MAX: Lsn = Lsn(u64::MAX);
 
     /// Distance in bytes from `earlier` to `self`, zero if `earlier` is not earlier.
     pub fn bytes_since(self, earlier: Lsn) -> u64 {

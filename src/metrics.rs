@@ -37,6 +37,8 @@ pub struct Metrics {
     pub slot_safe_wal_size_bytes: Gauge,
     pub streaming: Gauge,
     pub broker_reachable: Gauge,
+    pub rows_cleaned: Counter,
+    pub cleanup_passes: Counter,
 }
 
 impl Metrics {
@@ -61,6 +63,8 @@ impl Metrics {
             slot_safe_wal_size_bytes: Gauge::default(),
             streaming: Gauge::default(),
             broker_reachable: Gauge::default(),
+            rows_cleaned: Counter::default(),
+            cleanup_passes: Counter::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -149,6 +153,16 @@ impl Metrics {
             "broker_reachable",
             "1 while Kafka answers metadata requests",
             m.broker_reachable.clone(),
+        );
+        registry.register(
+            "rows_cleaned",
+            "Outbox rows deleted by --retention cleanup",
+            m.rows_cleaned.clone(),
+        );
+        registry.register(
+            "cleanup_passes",
+            "Cleanup passes: a mark taken, and rows deleted if an old enough mark is confirmed",
+            m.cleanup_passes.clone(),
         );
         // Every error class is exported from the start (at 0), so rates and alerts see a
         // series before the first error, not "no data".

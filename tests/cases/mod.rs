@@ -1,3 +1,4 @@
+mod cleanup;
 mod delivery;
 mod documentation;
 mod faults;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::support::relay::command;
+use crate::support::relay::{command, metric};
 use crate::support::{eventually, TestDb};
 
 /// Runs `outbox-relay status --json` with extra arguments; returns the JSON and exit code.
@@ -116,22 +116,21 @@ async fn the_shipped_least_privilege_role_can_run_the_relay() {
     let superuser_url = db.url.clone();
     let rest = superuser_url.split_once('@').unwrap().1;
     db.url = format!("postgres://outbox_relay:relay-pw@{rest}");
-    let _relay = db.relay();
+    // With retention, so the role's DELETE grant is exercised too.
+    let relay = db.relay_with(&["--retention", "0s", "--heartbeat-interval", "1s"]);
     let id = db.insert_event("order", "k", "{}").await;
     let mut consumer = crate::support::kafka::Consumer::new(&db.bootstrap_servers, &[db.topic("order")]);
     consumer.read_until(Duration::from_secs(60), "the event", |records| {
         records.iter().any(|r| r.id() == id)
     });
     db.wait_all_confirmed().await;
+    eventually(
+        Duration::from_secs(30),
+        "the published row to be cleaned up",
+        || async { (relay.metric("outbox_relay_rows_cleaned_total") == 1.0).then_some(()) },
+    )
+    .await;
     db.drop().await;
-}
-
-/// The value of an unlabelled metric in Prometheus text.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|line| line.split_whitespace().next() == Some(name))
-        .and_then(|line| line.split_whitespace().nth(1))
-        .and_then(|value| value.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

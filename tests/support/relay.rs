@@ -147,9 +147,22 @@ impl Relay {
         (status, body)
     }
 
+    /// The value of an unlabelled metric from /metrics (0 when absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        metric(&self.get("/metrics").1, name).unwrap_or(0.0)
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
+}
+
+/// The value of an unlabelled metric in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|line| line.split_whitespace().next() == Some(name))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|value| value.parse().ok())
 }
 
 fn libc_sigterm() -> i32 {
