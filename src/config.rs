@@ -19,6 +19,11 @@ pub struct Cli {
     #[arg(long, env = "OUTBOX_RELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 
+    /// TOML file of settings: keys are flag names (database_url, topic_template, ...);
+    /// flags and environment variables take precedence over it.
+    #[arg(long, env = "OUTBOX_RELAY_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -36,6 +41,10 @@ pub enum Command {
     Setup(SetupArgs),
     /// Stream outbox events to Kafka until SIGINT or SIGTERM.
     Run(RunArgs),
+    /// Check every precondition of `run` with the same settings (wal_level, role,
+    /// publication, slot, Kafka, topics) and print a checklist with a fix for each
+    /// failure; the exit code is 0 when `run` can start, 1 otherwise.
+    Check(RunArgs),
     /// Show the slot's lag in bytes and seconds and a verdict; the exit code is 0 healthy,
     /// 1 lagging, 2 at risk, 3 lost.
     Status(StatusArgs),

@@ -13,7 +13,7 @@
 //! - [`progress`]: the only place that decides which LSN to confirm; monotonic.
 //! - [`app`]: wires them into one loop, and reconnects when PostgreSQL goes away.
 //!
-//! Around them: [`config`] (every setting), [`setup`] (slot and SQL), [`status`] (lag and
+//! Around them: [`config`] (every setting), [`config_file`] (`--config relay.toml`), [`setup`] (slot and SQL), [`check`] (preconditions as a checklist), [`status`] (lag and
 //! verdict), [`postgres::slot`]
 //! (inspecting the slot), [`error`] (what ends a run), [`shutdown`] (the stop signal),
 //! [`monitor`] (heartbeat that keeps an idle slot moving; samples slot and broker),
@@ -21,8 +21,10 @@
 //! [`metrics`] and [`http`] (Prometheus, health and readiness), [`lsn`] (WAL positions).
 
 pub mod app;
+pub mod check;
 pub mod cleanup;
 pub mod config;
+pub mod config_file;
 pub mod dead_letter;
 pub mod error;
 pub mod http;

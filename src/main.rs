@@ -3,15 +3,14 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use outbox_relay::app::{self, RelaySettings};
-use outbox_relay::config::{Cli, Command, LogFormat};
+use outbox_relay::config::{Command, LogFormat};
 use outbox_relay::error::RelayError;
 use outbox_relay::shutdown::{self, ShutdownTrigger};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = outbox_relay::config_file::parse();
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -54,6 +53,11 @@ async fn execute(command: Command) -> Result<u8, RelayError> {
                 print!("{}", status.render());
             }
             Ok(status.verdict.exit_code())
+        }
+        Command::Check(args) => {
+            let report = outbox_relay::check::check(&args).await;
+            print!("{}", report.render());
+            Ok(report.exit_code())
         }
         Command::Run(args) => {
             let settings = RelaySettings::from_args(&args)?;

@@ -81,6 +81,17 @@ pub struct ColumnNames {
 pub const TRACEPARENT: &str = "traceparent";
 
 impl ColumnNames {
+    /// The columns every table in the publication must have.
+    pub fn required(&self) -> [&str; 5] {
+        [
+            &self.id,
+            &self.aggregate_type,
+            &self.aggregate_id,
+            &self.event_type,
+            &self.payload,
+        ]
+    }
+
     /// The column names of Debezium's Outbox Event Router (`aggregatetype`, `aggregateid`,
     /// `type`, `payload`), with any further columns as headers.
     pub fn debezium() -> Self {

@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use crate::kafka::client_log::LogContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
@@ -57,7 +58,7 @@ pub struct Fence {
     source: String,
     exactly_once: bool,
     producer: Producer,
-    reader: Option<BaseConsumer>,
+    reader: Option<BaseConsumer<LogContext>>,
     reader_settings: ProducerSettings,
     topics: HashMap<String, TopicId>,
     topic_state: Vec<TopicState>,
@@ -177,7 +178,7 @@ impl Fence {
         }
     }
 
-    fn reader(&mut self) -> Result<&BaseConsumer, KafkaError> {
+    fn reader(&mut self) -> Result<&BaseConsumer<LogContext>, KafkaError> {
         if self.reader.is_none() {
             let mut config = ClientConfig::new();
             config.set("bootstrap.servers", &self.reader_settings.bootstrap_servers);
@@ -191,7 +192,7 @@ impl Fence {
                 .set("allow.auto.create.topics", "false")
                 .set("isolation.level", "read_uncommitted")
                 .set("log_level", "3");
-            self.reader = Some(config.create()?);
+            self.reader = Some(config.create_with_context(LogContext::default())?);
         }
         // Created just above if it was missing.
         self.reader.as_ref().ok_or(KafkaError::Canceled)

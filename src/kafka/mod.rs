@@ -1,6 +1,7 @@
 //! Everything that talks to Kafka: the producer, its error classes, and the pipeline of
 //! deliveries in flight.
 
+pub mod client_log;
 pub mod errors;
 pub mod fence;
 pub mod partitioner;

@@ -17,6 +17,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 
+use crate::kafka::client_log::LogContext;
 use crate::outbox::OutboxEvent;
 
 /// What the user said about Kafka.
@@ -61,7 +62,7 @@ const DEFAULTS: [(&str, &str); 4] = [
 
 #[derive(Clone)]
 pub struct Producer {
-    inner: FutureProducer,
+    inner: FutureProducer<LogContext>,
 }
 
 impl Producer {
@@ -89,13 +90,13 @@ impl Producer {
         config.set("enable.idempotence", "true");
         config.set("acks", "all");
         let inner = config
-            .create()
+            .create_with_context(LogContext::default())
             .map_err(|e: KafkaError| ProducerConfigError::Client(e.to_string()))?;
         Ok(Producer { inner })
     }
 
     /// The librdkafka client, for metadata.
-    pub fn inner(&self) -> &FutureProducer {
+    pub fn inner(&self) -> &FutureProducer<LogContext> {
         &self.inner
     }
 

@@ -60,6 +60,18 @@ fn docs_and_compose_name_no_setting_the_code_lacks() {
 }
 
 #[test]
+fn the_readme_config_file_example_is_accepted() {
+    let readme = read("README.md");
+    let example = readme
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("README.md has a ```toml example");
+    outbox_relay::config_file::with_defaults(Cli::command(), std::path::Path::new("README.md"), example)
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
 fn the_alert_rules_pass_promtool() {
     let rules = format!("{}/deploy/prometheus-alerts.yml", env!("CARGO_MANIFEST_DIR"));
     let output = std::process::Command::new("promtool")

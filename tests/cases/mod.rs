@@ -1,3 +1,4 @@
+mod check;
 mod cleanup;
 mod delivery;
 mod documentation;

@@ -178,7 +178,9 @@ impl Postgres {
                 String::from_utf8_lossy(&output.stderr)
             )));
         }
-        let mut extra = String::new();
+        // In the file rather than on the command line, so `settings` (later lines win)
+        // can override it, e.g. to test a server without logical decoding.
+        let mut extra = String::from("wal_level = logical\n");
         for setting in settings {
             extra.push_str(setting);
             extra.push('\n');
@@ -216,8 +218,6 @@ impl Postgres {
             .args([
                 "-c",
                 "listen_addresses=127.0.0.1",
-                "-c",
-                "wal_level=logical",
                 "-c",
                 "max_replication_slots=200",
                 "-c",

@@ -1,0 +1,451 @@
+//! `outbox-relay check`: every precondition of `run`, as a checklist with a fix for each
+//! failure.
+//!
+//! It takes exactly `run`'s settings (flags, environment, `--config`), so a green check
+//! means `run` with the same settings starts streaming. It changes nothing: it reads
+//! catalogs and asks Kafka for metadata (which, like the relay's first record, lets a
+//! broker with `auto.create.topics.enable` create the dead-letter topic).
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use rdkafka::producer::Producer as _;
+use tokio_postgres::Client;
+
+use crate::app::RelaySettings;
+use crate::config::RunArgs;
+use crate::kafka::Producer;
+use crate::postgres::slot::{self, SlotProblem};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Pass,
+    /// Works, with a limitation worth knowing.
+    Warn,
+    Fail,
+    /// Not checked because an earlier check failed.
+    Skip,
+}
+
+/// One line of the checklist.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub outcome: Outcome,
+    pub what: String,
+    pub fix: Option<String>,
+}
+
+impl Item {
+    fn pass(what: impl Into<String>) -> Self {
+        Item {
+            outcome: Outcome::Pass,
+            what: what.into(),
+            fix: None,
+        }
+    }
+
+    fn fail(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Item {
+            outcome: Outcome::Fail,
+            what: what.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    fn warn(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Item {
+            outcome: Outcome::Warn,
+            fix: Some(fix.into()),
+            ..Item::pass(what)
+        }
+    }
+
+    fn skip(what: impl Into<String>) -> Self {
+        Item {
+            outcome: Outcome::Skip,
+            ..Item::pass(what)
+        }
+    }
+}
+
+/// The whole checklist.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub items: Vec<Item>,
+}
+
+impl Report {
+    pub fn failures(&self) -> usize {
+        self.items.iter().filter(|i| i.outcome == Outcome::Fail).count()
+    }
+
+    /// 0 when `run` can start, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        u8::from(self.failures() > 0)
+    }
+
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        for item in &self.items {
+            let mark = match item.outcome {
+                Outcome::Pass => "ok  ",
+                Outcome::Warn => "warn",
+                Outcome::Fail => "FAIL",
+                Outcome::Skip => "skip",
+            };
+            let _ = writeln!(text, "[{mark}] {}", item.what);
+            if let Some(fix) = &item.fix {
+                let _ = writeln!(text, "       fix: {fix}");
+            }
+        }
+        let _ = match self.failures() {
+            0 => writeln!(text, "ready: `outbox-relay run` with these settings can start"),
+            n => writeln!(text, "{n} problem(s) to fix before `outbox-relay run` can start"),
+        };
+        text
+    }
+}
+
+/// Runs every check.
+pub async fn check(args: &RunArgs) -> Report {
+    let mut report = Report::default();
+    let settings = match RelaySettings::from_args(args) {
+        Ok(settings) => {
+            report.items.push(Item::pass("configuration is valid"));
+            settings
+        }
+        Err(error) => {
+            report.items.push(Item::fail(
+                format!("configuration: {error}"),
+                "correct the setting named above (flag, environment variable or --config file)",
+            ));
+            return report;
+        }
+    };
+    postgres_checks(&settings, &mut report).await;
+    kafka_checks(&settings, &mut report).await;
+    report
+}
+
+async fn postgres_checks(settings: &RelaySettings, report: &mut Report) {
+    let database = &settings.database;
+    let client = match database.connect().await {
+        Ok(client) => client,
+        Err(error) => {
+            report.items.push(Item::fail(
+                format!("PostgreSQL: {error}"),
+                "check --database-url (DATABASE_URL), that the server runs, and that pg_hba.conf admits this user",
+            ));
+            report
+                .items
+                .push(Item::skip("wal_level, role, publication and slot (no connection)"));
+            return;
+        }
+    };
+    let items = match postgres_items(settings, &client).await {
+        Ok(items) => items,
+        Err(error) => vec![Item::fail(
+            format!("PostgreSQL query failed: {}", database.connect_error(&error)),
+            "check that the server is PostgreSQL 15 or later and that the role may read the catalogs",
+        )],
+    };
+    report
+        .items
+        .push(Item::pass(format!("PostgreSQL reachable at {}", database.display())));
+    report.items.extend(items);
+}
+
+async fn postgres_items(settings: &RelaySettings, client: &Client) -> Result<Vec<Item>, tokio_postgres::Error> {
+    let mut items = vec![wal_level(client).await?, replication_role(client).await?];
+    items.extend(publication(settings, client).await?);
+    items.push(slot_item(settings, client).await?);
+    if !settings.heartbeat_interval.is_zero() {
+        items.push(heartbeat(client).await?);
+    }
+    if settings.retention.is_some() {
+        items.extend(retention(settings, client).await?);
+    }
+    Ok(items)
+}
+
+async fn wal_level(client: &Client) -> Result<Item, tokio_postgres::Error> {
+    let level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
+    Ok(if level == "logical" {
+        Item::pass("wal_level = logical")
+    } else {
+        Item::fail(
+            format!("wal_level = {level}: logical decoding needs wal_level = logical"),
+            "ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL",
+        )
+    })
+}
+
+async fn replication_role(client: &Client) -> Result<Item, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?;
+    let (role, may): (String, bool) = (row.get(0), row.get(1));
+    Ok(if may {
+        Item::pass(format!("role {role} may stream replication (REPLICATION)"))
+    } else {
+        Item::fail(
+            format!("role {role} lacks the REPLICATION attribute, needed to stream the slot"),
+            format!("as a superuser: ALTER ROLE {role} REPLICATION; (or use the role of sql/003_relay_role.sql)"),
+        )
+    })
+}
+
+async fn publication(settings: &RelaySettings, client: &Client) -> Result<Vec<Item>, tokio_postgres::Error> {
+    let name = &settings.publication;
+    let Some(row) = client
+        .query_opt("SELECT pubinsert FROM pg_publication WHERE pubname = $1", &[name])
+        .await?
+    else {
+        let problem = SlotProblem::PublicationMissing {
+            publication: name.clone(),
+            database: settings.database.dbname().to_owned(),
+        };
+        return Ok(vec![Item::fail(
+            format!(
+                "publication {name} does not exist in database {}",
+                settings.database.dbname()
+            ),
+            fix_of(&problem),
+        )]);
+    };
+    if !row.get::<_, bool>(0) {
+        return Ok(vec![Item::fail(
+            format!("publication {name} does not publish inserts"),
+            format!("ALTER PUBLICATION {name} SET (publish = 'insert');"),
+        )]);
+    }
+    let tables: Vec<String> = client
+        .query(
+            "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+            &[name],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    if tables.is_empty() {
+        return Ok(vec![Item::warn(
+            format!(
+                "publication {name} has no tables: only table-less events (pg_logical_emit_message) will be published"
+            ),
+            format!("ALTER PUBLICATION {name} ADD TABLE public.outbox;"),
+        )]);
+    }
+    let mut items = vec![Item::pass(format!(
+        "publication {name} publishes inserts of {}",
+        tables.join(", ")
+    ))];
+    let required = settings.columns.required();
+    for table in &tables {
+        let present: Vec<String> = client
+            .query(
+                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
+                &[table],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let missing: Vec<&str> = required
+            .iter()
+            .copied()
+            .filter(|column| !present.iter().any(|p| p == column))
+            .collect();
+        if !missing.is_empty() {
+            items.push(Item::fail(
+                format!(
+                    "table {table} lacks column(s) {} that the relay reads",
+                    missing.join(", ")
+                ),
+                "create the table with sql/001_outbox_table.sql, or pick the matching --preset (default or debezium)",
+            ));
+        }
+    }
+    Ok(items)
+}
+
+async fn slot_item(settings: &RelaySettings, client: &Client) -> Result<Item, tokio_postgres::Error> {
+    let name = &settings.slot;
+    let info = slot::inspect(client, name).await?;
+    Ok(match slot::check(info, name, settings.database.dbname()) {
+        Ok(info) => Item::pass(format!(
+            "slot {name} (pgoutput) confirmed at {}, wal_status {}",
+            info.confirmed_flush_lsn.unwrap_or_default(),
+            info.wal_status.as_deref().unwrap_or("unknown")
+        )),
+        Err(problem @ SlotProblem::Missing { .. }) => {
+            let free: i64 = client
+                .query_one(
+                    "SELECT current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots)",
+                    &[],
+                )
+                .await?
+                .get(0);
+            let fix = if free > 0 {
+                fix_of(&problem)
+            } else {
+                "raise max_replication_slots (every slot is in use) and restart PostgreSQL, then run `outbox-relay setup`"
+                    .to_owned()
+            };
+            Item::fail(format!("slot {name} does not exist"), fix)
+        }
+        Err(problem) => Item::fail(format!("slot {name}: unusable"), problem.to_string()),
+    })
+}
+
+async fn heartbeat(client: &Client) -> Result<Item, tokio_postgres::Error> {
+    let allowed: bool = client
+        .query_one(
+            "SELECT has_function_privilege('pg_logical_emit_message(boolean, text, text)', 'EXECUTE')",
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(if allowed {
+        Item::pass("heartbeat: the role may write logical messages")
+    } else {
+        Item::warn(
+            "heartbeat: the role may not call pg_logical_emit_message, so the heartbeat stays off",
+            "GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <role>;",
+        )
+    })
+}
+
+async fn retention(settings: &RelaySettings, client: &Client) -> Result<Vec<Item>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT format('%I.%I', schemaname, tablename), has_table_privilege(format('%I.%I', schemaname, tablename), 'DELETE')
+               FROM pg_publication_tables WHERE pubname = $1",
+            &[&settings.publication],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let (table, allowed): (String, bool) = (row.get(0), row.get(1));
+            if allowed {
+                Item::pass(format!("--retention: the role may delete from {table}"))
+            } else {
+                Item::fail(
+                    format!("--retention: the role may not delete from {table}"),
+                    format!("GRANT DELETE ON {table} TO <role>; (or drop --retention)"),
+                )
+            }
+        })
+        .collect())
+}
+
+/// The fix part of a problem's message (after "; ").
+fn fix_of(problem: &SlotProblem) -> String {
+    let text = problem.to_string();
+    text.split_once("; ").map_or(text.clone(), |(_, fix)| fix.to_owned())
+}
+
+async fn kafka_checks(settings: &RelaySettings, report: &mut Report) {
+    let producer = match Producer::new(&settings.producer) {
+        Ok(producer) => producer,
+        Err(error) => {
+            report.items.push(Item::fail(
+                format!("Kafka client settings: {error}"),
+                "correct the --kafka-property named above",
+            ));
+            return;
+        }
+    };
+    let servers = settings.producer.bootstrap_servers.clone();
+    let topic = settings.dead_letter_topic.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let client = producer.inner().client();
+        let brokers = client
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map(|metadata| metadata.brokers().len());
+        let topic = brokers.is_ok().then(|| {
+            client
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .map_err(|e| e.to_string())
+                .and_then(|metadata| match metadata.topics().first() {
+                    Some(found) if found.error().is_none() => Ok(found.partitions().len()),
+                    Some(found) => Err(format!("{:?}", found.error())),
+                    None => Err("no metadata".to_owned()),
+                })
+        });
+        (brokers, topic)
+    })
+    .await;
+    let Ok((brokers, topic_answer)) = answer else {
+        report
+            .items
+            .push(Item::fail("Kafka: the check itself failed", "run it again"));
+        return;
+    };
+    match brokers {
+        Ok(count) => report
+            .items
+            .push(Item::pass(format!("Kafka reachable at {servers} ({count} broker(s))"))),
+        Err(error) => {
+            report.items.push(Item::fail(
+                format!("Kafka at {servers} did not answer: {error}"),
+                "check --bootstrap-servers (KAFKA_BOOTSTRAP_SERVERS), the network, and TLS/SASL settings (--kafka-property)",
+            ));
+            report.items.push(Item::skip("topics (no broker)"));
+            return;
+        }
+    }
+    let topic = &settings.dead_letter_topic;
+    match topic_answer {
+        Some(Ok(partitions)) => report.items.push(Item::pass(format!(
+            "topic {topic} exists or was created on demand ({partitions} partition(s)); event topics are created the same way"
+        ))),
+        Some(Err(error)) => report.items.push(Item::fail(
+            format!("topic {topic} does not exist and was not created: {error}"),
+            "create the dead-letter topic and the topics of --topic-template, or enable auto.create.topics.enable; the principal needs Describe and Write on them",
+        )),
+        None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_prints_its_fix_and_sets_the_exit_code() {
+        let report = Report {
+            items: vec![
+                Item::pass("wal_level = logical"),
+                Item::fail("role x lacks REPLICATION", "ALTER ROLE x REPLICATION;"),
+            ],
+        };
+        let text = report.render();
+        assert!(text.contains("[ok  ] wal_level = logical"), "{text}");
+        assert!(
+            text.contains("[FAIL] role x lacks REPLICATION\n       fix: ALTER ROLE x REPLICATION;"),
+            "{text}"
+        );
+        assert_eq!(report.exit_code(), 1);
+        assert_eq!(
+            Report {
+                items: vec![Item::pass("a")]
+            }
+            .exit_code(),
+            0
+        );
+    }
+
+    #[test]
+    fn the_fix_is_the_second_half_of_a_slot_problem() {
+        let fix = fix_of(&SlotProblem::PublicationMissing {
+            publication: "p".into(),
+            database: "d".into(),
+        });
+        assert!(fix.starts_with("create it with sql/002_publication.sql"), "{fix}");
+    }
+}
