@@ -627,7 +627,7 @@ impl Relay {
                 topic,
                 partition,
                 dead_letter,
-                payload_bytes: event.payload.len() as u64,
+                payload_bytes: event.payload.as_ref().map_or(0, bytes::Bytes::len) as u64,
                 commit_time: txn.commit_time,
             };
             match self.pipeline.submit(event, partition, tag) {

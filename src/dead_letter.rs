@@ -59,7 +59,7 @@ impl DeadLetter {
             position: event.position,
             original_topic: Some(event.topic.clone()),
             key: Some(event.key.clone()),
-            payload: Some(event.payload.clone()),
+            payload: event.payload.clone(),
             headers: event.headers.clone(),
             class,
             reason,
@@ -136,7 +136,7 @@ impl DeadLetter {
         ));
         OutboxEvent {
             key: self.key.unwrap_or_else(|| Bytes::from(id.clone())),
-            payload: self.payload.unwrap_or_default(),
+            payload: self.payload,
             topic: topic.to_owned(),
             id,
             headers,
@@ -181,7 +181,7 @@ mod tests {
                 .and_then(|(_, v)| v.clone())
         };
         assert_eq!(event.topic, "dlq");
-        assert_eq!(event.payload, Bytes::from_static(b"{}"));
+        assert_eq!(event.payload, Some(Bytes::from_static(b"{}")));
         assert_eq!(event.key, Bytes::from_static(b"id-1"));
         assert_eq!(header("id"), Some(Bytes::from_static(b"id-1")));
         assert_eq!(header("outbox.commit_lsn"), Some(Bytes::from_static(b"0/20")));

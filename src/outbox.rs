@@ -40,7 +40,8 @@ pub struct OutboxEvent {
     pub id: String,
     pub topic: String,
     pub key: Bytes,
-    pub payload: Bytes,
+    /// `None` is a tombstone (a NULL payload under `--preset debezium`).
+    pub payload: Option<Bytes>,
     pub headers: Vec<(String, Option<Bytes>)>,
     pub position: SourcePosition,
 }
@@ -74,6 +75,9 @@ pub struct ColumnNames {
     /// Every column not named above (and not `created_at`) becomes a header with its text
     /// value, as Debezium's `table.fields.additional.placement` does.
     pub extra_columns_as_headers: bool,
+    /// A NULL payload becomes a record with a null value (a tombstone, which deletes the
+    /// key in a compacted topic), as Debezium's EventRouter does; otherwise it is an error.
+    pub null_payload_is_tombstone: bool,
 }
 
 /// A column whose value, when present, is carried into the header of the same name, so
@@ -103,6 +107,7 @@ impl ColumnNames {
             payload: "payload".into(),
             headers: "headers".into(),
             extra_columns_as_headers: true,
+            null_payload_is_tombstone: true,
         }
     }
 
@@ -131,6 +136,7 @@ impl Default for ColumnNames {
             payload: "payload".into(),
             headers: "headers".into(),
             extra_columns_as_headers: false,
+            null_payload_is_tombstone: false,
         }
     }
 }
@@ -324,10 +330,11 @@ impl Mapper {
             .map_err(with_id)?
             .ok_or_else(|| with_id(format!("column {:?} is NULL", self.names.aggregate_id)))?
             .clone();
-        let payload = value(layout.payload)
-            .map_err(with_id)?
-            .ok_or_else(|| with_id(format!("column {:?} is NULL", self.names.payload)))?
-            .clone();
+        let payload = match value(layout.payload).map_err(with_id)? {
+            Some(payload) => Some(payload.clone()),
+            None if self.names.null_payload_is_tombstone => None,
+            None => return Err(with_id(format!("column {:?} is NULL", self.names.payload))),
+        };
         let topic = self.template.render(aggregate_type, event_type).map_err(with_id)?;
 
         let mut headers = Vec::with_capacity(6);
@@ -337,8 +344,12 @@ impl Mapper {
             }
         }
         for (index, name) in &layout.header_columns {
-            if let Some(text) = value(*index).map_err(with_id)? {
-                headers.push((name.clone(), Some(text.clone())));
+            match value(*index).map_err(with_id)? {
+                Some(text) => headers.push((name.clone(), Some(text.clone()))),
+                // Debezium's EventRouter places a NULL extra column as a header with a
+                // null value; a NULL traceparent means no trace, so no header.
+                None if name != TRACEPARENT => headers.push((name.clone(), None)),
+                None => {}
             }
         }
         self.standard_headers(&mut headers, &id, event_type, aggregate_type, position);
@@ -412,7 +423,7 @@ impl Mapper {
         );
         Ok(OutboxEvent {
             key: Bytes::from(message.aggregate_id),
-            payload: Bytes::copy_from_slice(message.payload.get().as_bytes()),
+            payload: Some(Bytes::copy_from_slice(message.payload.get().as_bytes())),
             topic,
             id,
             headers,
@@ -536,7 +547,7 @@ mod tests {
         let event = mapper().map(&row, POSITION).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(event.topic, "outbox.event.order");
         assert_eq!(event.key, Bytes::from_static(b"o-1"));
-        assert_eq!(event.payload, Bytes::from_static(br#"{"total": 5}"#));
+        assert_eq!(event.payload, Some(Bytes::from_static(br#"{"total": 5}"#)));
         let header = |name: &str| {
             event
                 .headers
@@ -644,7 +655,7 @@ mod tests {
         assert_eq!(event.key, Bytes::from_static(b"o-1"));
         assert_eq!(
             event.payload,
-            Bytes::from_static(br#"{"total":  5}"#),
+            Some(Bytes::from_static(br#"{"total":  5}"#)),
             "payload kept byte for byte"
         );
         assert_eq!(event.id, "1/A0:3", "a missing id is derived from the position");

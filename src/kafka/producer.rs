@@ -103,7 +103,13 @@ impl Producer {
     /// Hands one record for `partition` to librdkafka. Returns at once; the future
     /// resolves when the broker acknowledged the record or it failed for good.
     pub fn send(&self, event: &OutboxEvent, partition: i32) -> Result<DeliveryFuture, KafkaError> {
-        self.send_parts(&event.topic, partition, &event.key, &event.payload, &event.headers)
+        self.send_parts(
+            &event.topic,
+            partition,
+            &event.key,
+            event.payload.as_deref(),
+            &event.headers,
+        )
     }
 
     pub fn send_parts(
@@ -111,7 +117,7 @@ impl Producer {
         topic: &str,
         partition: i32,
         key: &[u8],
-        payload: &[u8],
+        payload: Option<&[u8]>,
         headers: &[(String, Option<Bytes>)],
     ) -> Result<DeliveryFuture, KafkaError> {
         let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len());
@@ -121,11 +127,13 @@ impl Producer {
                 value: value.as_deref(),
             });
         }
-        let record = FutureRecord::to(topic)
+        let mut record = FutureRecord::to(topic)
             .partition(partition)
             .key(key)
-            .payload(payload)
             .headers(kafka_headers);
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
         self.inner.send_result(record).map_err(|(error, _record)| error)
     }
 

@@ -1,0 +1,68 @@
+"""Runs Debezium 3.6's embedded engine (PostgreSQL connector + Outbox Event Router) on one
+outbox table and prints each routed record as a JSON line prefixed with "RECORD ".
+
+Used by examples/debezium_compare.rs (scripts/debezium-compare) to check outbox-relay's
+`--preset debezium` against the real thing. Records are taken after the router, before any
+converter, so keys, values and headers are compared as Debezium hands them to Kafka with
+StringConverter (the usual outbox deployment).
+
+usage: capture.py HOST PORT DATABASE USER PASSWORD SLOT PUBLICATION COUNT PLACEMENT
+Stops after COUNT records.
+"""
+import json
+import sys
+import threading
+
+from pydbzengine import BasePythonChangeHandler, DebeziumEngine
+
+host, port, database, user, password, slot, publication, count, placement = sys.argv[1:10]
+
+
+class Capture(BasePythonChangeHandler):
+    def __init__(self, engine_box, want):
+        self.engine_box = engine_box
+        self.want = want
+        self.seen = 0
+
+    def handleJsonBatch(self, records):
+        for record in records:
+            headers = []
+            for header in record.headers():
+                value = header.getValue()
+                headers.append([str(header.getKey()), None if value is None else str(value)])
+            source = record.value()  # the routed SourceRecord
+            print("RECORD " + json.dumps({
+                "topic": str(record.destination()),
+                "key": None if source.key() is None else str(source.key()),
+                "value": None if source.value() is None else str(source.value()),
+                "headers": headers,
+            }), flush=True)
+            self.seen += 1
+        if self.seen >= self.want:
+            threading.Thread(target=lambda: self.engine_box[0].close()).start()
+
+
+properties = {
+    "name": "outbox-compare",
+    "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
+    "offset.storage": "org.apache.kafka.connect.storage.MemoryOffsetBackingStore",
+    "offset.flush.interval.ms": "1000",
+    "database.hostname": host,
+    "database.port": port,
+    "database.user": user,
+    "database.password": password,
+    "database.dbname": database,
+    "topic.prefix": "compare",
+    "plugin.name": "pgoutput",
+    "slot.name": slot,
+    "publication.name": publication,
+    "publication.autocreate.mode": "disabled",
+    "snapshot.mode": "no_data",
+    "transforms": "outbox",
+    "transforms.outbox.type": "io.debezium.transforms.outbox.EventRouter",
+    "transforms.outbox.table.fields.additional.placement": placement,
+}
+box = [None]
+engine = DebeziumEngine(properties=properties, handler=Capture(box, int(count)), format="connect")
+box[0] = engine
+engine.run()
