@@ -689,8 +689,8 @@ impl Relay {
                 Ok(())
             }
             Err(failure) if failure.class == ErrorClass::Transient => Err(SessionError::Restart(format!(
-                "delivery of event id={} failed: {}",
-                tag.id, failure.error
+                "delivery of outbox event id={} at commit LSN {} (index {}) failed: {}",
+                tag.id, tag.position.commit_lsn, tag.position.index, failure.error
             ))),
             Err(failure) if failure.class == ErrorClass::Fatal || tag.dead_letter => {
                 let letter =

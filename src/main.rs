@@ -11,7 +11,8 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = outbox_relay::config_file::parse();
-    init_logging(cli.log_format);
+    let cli_format = cli.log_format;
+    init_logging(cli_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -23,7 +24,10 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
             tracing::error!(error = %error, "outbox-relay failed");
-            eprintln!("error: {error}");
+            // A plain last line for people; JSON logs stay JSON for log pipelines.
+            if cli_format == LogFormat::Text {
+                eprintln!("error: {error}");
+            }
             ExitCode::from(error.exit_code())
         }
     }

@@ -318,14 +318,30 @@ async fn poison_events_go_to_the_dead_letter_topic_and_the_stream_goes_on() {
 async fn on_poison_halt_stops_without_confirming_past_the_poison_event() {
     let db = TestDb::new("halt").await;
     allow_null_keys(&db).await;
-    let mut relay = db.relay_with(&["--on-poison", "halt"]);
+    // JSON logs, as a log pipeline would read them.
+    let mut relay = db.relay_with(&["--on-poison", "halt", "--log-format", "json"]);
     insert_raw(&db, "order", Some("k"), "{}").await;
     let poison = insert_raw(&db, "order", None, "{}").await;
     insert_raw(&db, "order", Some("k"), "{}").await;
     let status = relay.wait_exit(Duration::from_secs(60));
     let log = relay.log_text();
     assert_eq!(status.code(), Some(4), "{log}");
-    assert!(log.contains(&poison), "the error names the outbox id:\n{log}");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}")))
+        .collect();
+    let errors: Vec<String> = lines
+        .iter()
+        .filter(|line| line["level"] == "ERROR")
+        .map(|line| line["fields"].to_string())
+        .collect();
+    assert!(!errors.is_empty(), "{log}");
+    for error in &errors {
+        assert!(
+            error.contains(&poison) && error.contains("commit LSN"),
+            "an error line without the outbox id and LSN: {error}"
+        );
+    }
     let poison_commit: outbox_relay::lsn::Lsn = log
         .split("at commit LSN ")
         .nth(1)
