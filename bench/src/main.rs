@@ -1,11 +1,14 @@
 //! `outbox-bench`: measures outbox-relay, reports figures; asserts nothing.
 //!
 //! Backlog drain: two slots are created at the same position, N outbox events are written
-//! in single-row transactions while nothing reads them, then outbox-relay drains one slot
-//! (publishing to Kafka and confirming) and `pg_recvlogical` drains the other to
-//! /dev/null: the cost of merely reading the slot, the ceiling for any log-tailing relay.
+//! while nothing reads them, then outbox-relay drains one slot (publishing to Kafka and
+//! confirming) and `pg_recvlogical` drains the other to /dev/null: the cost of merely
+//! reading the slot, the ceiling for any log-tailing relay. Three shapes of backlog:
+//! (a) single-row transactions, (b) 100-row transactions, (c) one transaction.
 //!
-//! Usage: outbox-bench [--events N]   (DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS honoured)
+//! Usage: outbox-bench [--events N] [--quick] [--scenario a|b|c] [--write FILE]
+//! (default 1,000,000 events; --quick: 100,000; DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS
+//! honoured). Prints a Markdown table; --write also saves it.
 
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
@@ -49,6 +52,26 @@ async fn reached(client: &Client, slot: &str, target: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The relay's own confirmed LSN (bytes), from its /metrics; 0 while it does not answer.
+fn relay_confirmed(port: u16) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return 0;
+    };
+    let _ = write!(stream, "GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n");
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text.lines()
+        .find_map(|l| l.strip_prefix("outbox_relay_confirmed_lsn "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+fn lsn_bytes(text: &str) -> u64 {
+    let (high, low) = text.split_once('/').expect("an LSN");
+    (u64::from_str_radix(high, 16).expect("LSN") << 32) | u64::from_str_radix(low, 16).expect("LSN")
+}
+
 /// CPU seconds (user + system) a process has used, from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -69,14 +92,80 @@ fn peak_rss_mib(pid: u32) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+/// One backlog shape.
+#[derive(Debug, Clone, Copy)]
+struct Scenario {
+    name: &'static str,
+    /// Events per transaction; `None`: all in one.
+    per_transaction: Option<u64>,
+}
+
+const SCENARIOS: [Scenario; 3] = [
+    Scenario {
+        name: "a: single-row transactions",
+        per_transaction: Some(1),
+    },
+    Scenario {
+        name: "b: 100-row transactions",
+        per_transaction: Some(100),
+    },
+    Scenario {
+        name: "c: one transaction",
+        per_transaction: None,
+    },
+];
+
+/// What one scenario measured.
+struct Row {
+    scenario: Scenario,
+    events: u64,
+    /// Until the relay's own confirmed LSN (every event acknowledged) reached the end.
+    relay_secs: f64,
+    /// Until the slot's confirmed_flush_lsn did (the next standby status update).
+    slot_secs: f64,
+    relay_cpu: f64,
+    relay_rss: f64,
+    reader_secs: f64,
+}
+
+impl Row {
+    fn markdown(&self) -> String {
+        let n = self.events as f64;
+        format!(
+            "| {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.1} | {:.1} |",
+            self.scenario.name,
+            self.events,
+            self.relay_secs,
+            n / self.relay_secs,
+            self.slot_secs,
+            self.reader_secs,
+            n / self.reader_secs,
+            self.reader_secs / self.relay_secs,
+            self.relay_cpu * 1e6 / n,
+            self.relay_rss,
+        )
+    }
+}
+
+const HEADER: &str = "| backlog | events | outbox-relay: all acked, s | events/s | slot confirmed, s | pg_recvlogical s | events/s | ratio (acked) | relay CPU us/event | relay peak RSS MiB |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |";
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let events: u64 = args
-        .iter()
-        .position(|a| a == "--events")
-        .and_then(|i| args.get(i + 1))
-        .map_or(100_000, |n| n.parse().expect("--events N"));
+    let quick = args.iter().any(|a| a == "--quick");
+    let events: u64 = arg(&args, "--events").map_or(if quick { 100_000 } else { 1_000_000 }, |n| {
+        n.parse().expect("--events N")
+    });
+    let only = arg(&args, "--scenario");
+    let write = arg(&args, "--write");
 
     let (admin_url, _postgres) = match std::env::var("DATABASE_URL") {
         Ok(url) => (url, None),
@@ -92,9 +181,47 @@ async fn main() {
             (broker.bootstrap_servers(), Some(broker))
         }
     };
+    let mut rows = Vec::new();
+    for scenario in SCENARIOS {
+        if only.as_deref().is_some_and(|o| !scenario.name.starts_with(o)) {
+            continue;
+        }
+        rows.push(drain(scenario, events, &admin_url, &bootstrap).await);
+    }
+    let mut table = format!("{HEADER}\n");
+    for row in &rows {
+        table.push_str(&row.markdown());
+        table.push('\n');
+    }
+    println!("\n{table}");
+    if let Some(path) = write {
+        let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
+        let text = format!(
+            "Backlog drain, written by `scripts/bench {command}` on {} ({} CPUs).\n\n{table}",
+            machine(),
+            std::thread::available_parallelism().map_or(0, usize::from)
+        );
+        std::fs::write(&path, text).expect("write the table");
+        println!("written to {path}");
+    }
+}
+
+/// The CPU model, for the record.
+fn machine() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split(':').nth(1)))
+        .map_or_else(|| "unknown CPU".to_owned(), |m| m.trim().to_owned())
+}
+
+/// Writes the backlog for `scenario` into a fresh database with two slots, then drains it
+/// with outbox-relay and with pg_recvlogical.
+async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: &str) -> Row {
     let run = std::process::id();
-    let database = format!("bench_{run}");
-    connect(&admin_url)
+    let tag = scenario.name.chars().next().unwrap_or('x');
+    let database = format!("bench_{run}_{tag}");
+    connect(admin_url)
         .await
         .batch_execute(&format!("CREATE DATABASE {database}"))
         .await
@@ -104,10 +231,10 @@ async fn main() {
         None => panic!("DATABASE_URL must name a database"),
     };
     let client = connect(&url).await;
-    let relay_slot = "bench_relay";
-    let reader_slot = "bench_recvlogical";
+    let relay_slot = format!("bench_relay_{run}_{tag}");
+    let reader_slot = format!("bench_recvlogical_{run}_{tag}");
     let status = Command::new(relay_binary())
-        .args(["setup", "--apply-sql", "--slot", relay_slot])
+        .args(["setup", "--apply-sql", "--slot", &relay_slot])
         .env("DATABASE_URL", &url)
         .stdout(Stdio::null())
         .status()
@@ -122,12 +249,16 @@ async fn main() {
         .expect("second slot");
 
     let started = Instant::now();
+    let commit = match scenario.per_transaction {
+        Some(size) => format!("IF i % {size} = 0 THEN COMMIT; END IF;"),
+        None => String::new(),
+    };
     client
         .batch_execute(&format!(
             "DO $$ BEGIN FOR i IN 1..{events} LOOP
                INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
                VALUES ('bench', 'k' || (i % 1000), 'Bench', jsonb_build_object('i', i));
-               COMMIT;
+               {commit}
              END LOOP; END $$"
         ))
         .await
@@ -138,27 +269,37 @@ async fn main() {
         .expect("lsn")
         .get(0);
     println!(
-        "backlog: {events} single-row transactions written in {:.1} s, WAL up to {target}",
+        "{}: {events} events written in {:.1} s, WAL up to {target}",
+        scenario.name,
         started.elapsed().as_secs_f64()
     );
 
     // outbox-relay: publish to Kafka and confirm.
+    let port = devrig::free_port().expect("a free port");
     let started = Instant::now();
     let mut relay = Command::new(relay_binary())
         .arg("run")
         .env("DATABASE_URL", &url)
-        .env("KAFKA_BOOTSTRAP_SERVERS", &bootstrap)
-        .env("OUTBOX_RELAY_SLOT", relay_slot)
-        .env("OUTBOX_RELAY_TOPIC_TEMPLATE", format!("bench{run}.{{aggregate_type}}"))
+        .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+        .env("OUTBOX_RELAY_SLOT", &relay_slot)
+        .env(
+            "OUTBOX_RELAY_TOPIC_TEMPLATE",
+            format!("bench{run}{tag}.{{aggregate_type}}"),
+        )
         .env("OUTBOX_RELAY_LOG", "warn")
-        .env("OUTBOX_RELAY_METRICS_ADDR", "127.0.0.1:0")
+        .env("OUTBOX_RELAY_METRICS_ADDR", format!("127.0.0.1:{port}"))
         .stdout(Stdio::null())
         .spawn()
         .expect("relay");
-    while !reached(&client, relay_slot, &target).await {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let end = lsn_bytes(&target);
+    while relay_confirmed(port) < end {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let relay_secs = started.elapsed().as_secs_f64();
+    while !reached(&client, &relay_slot, &target).await {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let slot_secs = started.elapsed().as_secs_f64();
     let relay_cpu = cpu_seconds(relay.id());
     let relay_rss = peak_rss_mib(relay.id());
     devrig::kill(relay.id(), 15);
@@ -168,37 +309,38 @@ async fn main() {
     let bindir = devrig::pg_bindir().expect("PostgreSQL bin dir");
     let started = Instant::now();
     let status = Command::new(bindir.join("pg_recvlogical"))
-        .args([
-            "-d",
-            &url,
-            "--slot",
-            reader_slot,
-            "--start",
-            "-f",
-            "/dev/null",
-            "-o",
-            "proto_version=1",
-        ])
-        .args(["-o", "publication_names=outbox_pub", "--no-loop", "-E", &target])
+        .args(["-d", &url, "--slot", &reader_slot, "--start", "-f", "/dev/null"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=outbox_pub"])
+        .args(["--no-loop", "-E", &target])
         .stderr(Stdio::null())
         .status()
         .expect("pg_recvlogical");
     let reader_secs = started.elapsed().as_secs_f64();
     assert!(status.success(), "pg_recvlogical failed");
-
     println!(
-        "outbox-relay:   {events} events drained and confirmed in {relay_secs:.2} s = {:.0} events/s; CPU {:.2} s ({:.1} us/event); peak RSS {relay_rss:.1} MiB",
-        events as f64 / relay_secs,
+        "{}: outbox-relay {relay_secs:.2} s (confirmed at {}), pg_recvlogical {reader_secs:.2} s",
+        scenario.name,
+        confirmed(&client, &relay_slot).await
+    );
+    for slot in [&relay_slot, &reader_slot] {
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[slot])
+            .await
+            .expect("drop slot");
+    }
+    drop(client);
+    connect(admin_url)
+        .await
+        .batch_execute(&format!("DROP DATABASE {database}"))
+        .await
+        .expect("drop db");
+    Row {
+        scenario,
+        events,
+        relay_secs,
+        slot_secs,
         relay_cpu,
-        relay_cpu * 1e6 / events as f64
-    );
-    println!(
-        "pg_recvlogical: {events} events read in {reader_secs:.2} s = {:.0} events/s",
-        events as f64 / reader_secs
-    );
-    println!("ratio outbox-relay / pg_recvlogical: {:.2}", reader_secs / relay_secs);
-    println!(
-        "slot {relay_slot} confirmed at {}",
-        confirmed(&client, relay_slot).await
-    );
+        relay_rss,
+        reader_secs,
+    }
 }
