@@ -3,14 +3,18 @@
 //! Backlog drain: two slots are created at the same position, N outbox events are written
 //! while nothing reads them, then outbox-relay drains one slot (publishing to Kafka and
 //! confirming) and `pg_recvlogical` drains the other to /dev/null: the cost of merely
-//! reading the slot, the ceiling for any log-tailing relay. Three shapes of backlog:
-//! (a) single-row transactions, (b) 100-row transactions, (c) one transaction.
+//! reading the slot, the ceiling for any log-tailing relay. Then a polling relay (the
+//! design of our seed documents, `poller`) publishes and deletes the same rows. Three shapes
+//! of backlog: (a) single-row transactions, (b) 100-row transactions, (c) one transaction.
+//! PostgreSQL's CPU time during each drain is measured when the server is the bench's own.
 //!
 //! Usage: outbox-bench [--events N] [--quick] [--scenario a|b|c] [--write FILE]
 //! (default 1,000,000 events; --quick: 100,000; DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS
 //! honoured). Prints a Markdown table; --write also saves it.
 
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+mod poller;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -72,6 +76,39 @@ fn lsn_bytes(text: &str) -> u64 {
     (u64::from_str_radix(high, 16).expect("LSN") << 32) | u64::from_str_radix(low, 16).expect("LSN")
 }
 
+/// CPU seconds used by the PostgreSQL server so far: the postmaster, every live child
+/// (backends, walsenders, background workers) and every child already exited and reaped
+/// (the postmaster's cutime/cstime), so short-lived backends count too.
+fn postgres_cpu(postmaster: u32) -> f64 {
+    let fields = |pid: &str| -> Vec<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    let ticks = |f: &[String], range: std::ops::Range<usize>| -> f64 {
+        f.get(range)
+            .map_or(0.0, |v| v.iter().filter_map(|t| t.parse::<f64>().ok()).sum())
+    };
+    let own = fields(&postmaster.to_string());
+    let mut total = ticks(&own, 11..15);
+    let parent = postmaster.to_string();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let f = fields(&name);
+        if f.get(1) == Some(&parent) {
+            total += ticks(&f, 11..13);
+        }
+    }
+    total / 100.0
+}
+
 /// CPU seconds (user + system) a process has used, from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -126,13 +163,16 @@ struct Row {
     relay_cpu: f64,
     relay_rss: f64,
     reader_secs: f64,
+    poller_secs: f64,
+    /// PostgreSQL CPU seconds while each drained, when the server is ours to watch.
+    pg_cpu: Option<[f64; 3]>,
 }
 
 impl Row {
     fn markdown(&self) -> String {
         let n = self.events as f64;
         format!(
-            "| {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.1} | {:.1} |",
+            "| {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.1} | {:.1} | {} |",
             self.scenario.name,
             self.events,
             self.relay_secs,
@@ -141,14 +181,26 @@ impl Row {
             self.reader_secs,
             n / self.reader_secs,
             self.reader_secs / self.relay_secs,
+            self.poller_secs,
+            n / self.poller_secs,
+            self.poller_secs / self.relay_secs,
             self.relay_cpu * 1e6 / n,
             self.relay_rss,
+            self.pg_cpu.map_or_else(
+                || "n/a".to_owned(),
+                |[relay, reader, poller]| format!(
+                    "{:.1} / {:.1} / {:.1}",
+                    relay * 1e6 / n,
+                    reader * 1e6 / n,
+                    poller * 1e6 / n
+                )
+            ),
         )
     }
 }
 
-const HEADER: &str = "| backlog | events | outbox-relay: all acked, s | events/s | slot confirmed, s | pg_recvlogical s | events/s | ratio (acked) | relay CPU us/event | relay peak RSS MiB |
-| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |";
+const HEADER: &str = "| backlog | events | outbox-relay: all acked, s | events/s | slot confirmed, s | pg_recvlogical s | events/s | relay / pg_recvlogical | poller s | events/s | relay / poller | relay CPU us/event | relay peak RSS MiB | PostgreSQL CPU us/event: relay / pg_recvlogical / poller |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |";
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -167,13 +219,14 @@ async fn main() {
     let only = arg(&args, "--scenario");
     let write = arg(&args, "--write");
 
-    let (admin_url, _postgres) = match std::env::var("DATABASE_URL") {
+    let (admin_url, postgres) = match std::env::var("DATABASE_URL") {
         Ok(url) => (url, None),
         Err(_) => {
             let pg = devrig::Postgres::start().expect("PostgreSQL");
             (pg.url("postgres"), Some(pg))
         }
     };
+    let postmaster = postgres.as_ref().and_then(devrig::Postgres::pid);
     let (bootstrap, _broker) = match std::env::var("KAFKA_BOOTSTRAP_SERVERS") {
         Ok(servers) => (servers, None),
         Err(_) => {
@@ -186,7 +239,7 @@ async fn main() {
         if only.as_deref().is_some_and(|o| !scenario.name.starts_with(o)) {
             continue;
         }
-        rows.push(drain(scenario, events, &admin_url, &bootstrap).await);
+        rows.push(drain(scenario, events, &admin_url, &bootstrap, postmaster).await);
     }
     let mut table = format!("{HEADER}\n");
     for row in &rows {
@@ -217,7 +270,22 @@ fn machine() -> String {
 
 /// Writes the backlog for `scenario` into a fresh database with two slots, then drains it
 /// with outbox-relay and with pg_recvlogical.
-async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: &str) -> Row {
+async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: &str, postmaster: Option<u32>) -> Row {
+    // Read until two readings 50 ms apart agree, so a backend that just exited has been
+    // reaped into the postmaster's children times rather than missed between the reads.
+    let pg_cpu = || async move {
+        let Some(pid) = postmaster else { return 0.0 };
+        let mut last = postgres_cpu(pid);
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = postgres_cpu(pid);
+            if (now - last).abs() < 1e-9 {
+                break;
+            }
+            last = now;
+        }
+        last
+    };
     let run = std::process::id();
     let tag = scenario.name.chars().next().unwrap_or('x');
     let database = format!("bench_{run}_{tag}");
@@ -230,7 +298,7 @@ async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: &str
         Some((base, _)) => format!("{base}/{database}"),
         None => panic!("DATABASE_URL must name a database"),
     };
-    let client = connect(&url).await;
+    let mut client = connect(&url).await;
     let relay_slot = format!("bench_relay_{run}_{tag}");
     let reader_slot = format!("bench_recvlogical_{run}_{tag}");
     let status = Command::new(relay_binary())
@@ -247,6 +315,7 @@ async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: &str
         )
         .await
         .expect("second slot");
+    poller::prepare(&client).await;
 
     let started = Instant::now();
     let commit = match scenario.per_transaction {
@@ -276,6 +345,7 @@ async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: &str
 
     // outbox-relay: publish to Kafka and confirm.
     let port = devrig::free_port().expect("a free port");
+    let pg_before = pg_cpu().await;
     let started = Instant::now();
     let mut relay = Command::new(relay_binary())
         .arg("run")
@@ -300,6 +370,7 @@ async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: &str
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let slot_secs = started.elapsed().as_secs_f64();
+    let pg_relay = pg_cpu().await - pg_before;
     let relay_cpu = cpu_seconds(relay.id());
     let relay_rss = peak_rss_mib(relay.id());
     devrig::kill(relay.id(), 15);
@@ -307,6 +378,7 @@ async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: &str
 
     // pg_recvlogical: read the same backlog from the twin slot, discard it.
     let bindir = devrig::pg_bindir().expect("PostgreSQL bin dir");
+    let pg_before = pg_cpu().await;
     let started = Instant::now();
     let status = Command::new(bindir.join("pg_recvlogical"))
         .args(["-d", &url, "--slot", &reader_slot, "--start", "-f", "/dev/null"])
@@ -316,12 +388,21 @@ async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: &str
         .status()
         .expect("pg_recvlogical");
     let reader_secs = started.elapsed().as_secs_f64();
+    let pg_reader = pg_cpu().await - pg_before;
     assert!(status.success(), "pg_recvlogical failed");
     println!(
         "{}: outbox-relay {relay_secs:.2} s (confirmed at {}), pg_recvlogical {reader_secs:.2} s",
         scenario.name,
         confirmed(&client, &relay_slot).await
     );
+    // The polling baseline: the same rows, published and deleted in batches.
+    let pg_before = pg_cpu().await;
+    let run_tag = format!("poll{run}{tag}");
+    let (polled, poller_secs) = poller::drain(&mut client, bootstrap, &run_tag).await;
+    let pg_poller = pg_cpu().await - pg_before;
+    assert_eq!(polled, events, "the poller published every row");
+    println!("{}: poller {poller_secs:.2} s", scenario.name);
+
     for slot in [&relay_slot, &reader_slot] {
         client
             .execute("SELECT pg_drop_replication_slot($1)", &[slot])
@@ -342,5 +423,7 @@ async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: &str
         relay_cpu,
         relay_rss,
         reader_secs,
+        poller_secs,
+        pg_cpu: postmaster.map(|_| [pg_relay, pg_reader, pg_poller]),
     }
 }
