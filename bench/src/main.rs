@@ -8,13 +8,18 @@
 //! of backlog: (a) single-row transactions, (b) 100-row transactions, (c) one transaction.
 //! PostgreSQL's CPU time during each drain is measured when the server is the bench's own.
 //!
-//! Usage: outbox-bench [--events N] [--quick] [--scenario a|b|c] [--write FILE]
-//! (default 1,000,000 events; --quick: 100,000; DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS
-//! honoured). Prints a Markdown table; --write also saves it.
+//! Steady state (`steady`): single-row transactions at fixed rates (0, 1k, 5k events/s),
+//! commit-to-consumer latency and PostgreSQL CPU, for outbox-relay and for the poller.
+//!
+//! Usage: outbox-bench [--events N] [--seconds S] [--quick] [--scenario a|b|c|steady]
+//! [--write FILE] (default 1,000,000 events and 60 s per rate; --quick: 100,000 and 10 s;
+//! DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS honoured). Prints Markdown tables; --write also
+//! saves them.
 
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 mod poller;
+mod steady;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -234,6 +239,7 @@ async fn main() {
             (broker.bootstrap_servers(), Some(broker))
         }
     };
+    let seconds: u64 = arg(&args, "--seconds").map_or(if quick { 10 } else { 60 }, |n| n.parse().expect("--seconds S"));
     let mut rows = Vec::new();
     for scenario in SCENARIOS {
         if only.as_deref().is_some_and(|o| !scenario.name.starts_with(o)) {
@@ -241,16 +247,41 @@ async fn main() {
         }
         rows.push(drain(scenario, events, &admin_url, &bootstrap, postmaster).await);
     }
-    let mut table = format!("{HEADER}\n");
-    for row in &rows {
-        table.push_str(&row.markdown());
-        table.push('\n');
+    let mut steady_rows = Vec::new();
+    if only.as_deref().is_none_or(|o| o == "steady") {
+        for publisher in [
+            steady::Publisher::WriterOnly,
+            steady::Publisher::Relay,
+            steady::Publisher::Poller,
+        ] {
+            for rate in [0, 1_000, 5_000] {
+                steady_rows.push(steady_state(publisher, rate, seconds, &admin_url, &bootstrap, postmaster).await);
+            }
+        }
+    }
+    let mut table = String::new();
+    if !rows.is_empty() {
+        table.push_str(&format!("Backlog drain:\n\n{HEADER}\n"));
+        for row in &rows {
+            table.push_str(&row.markdown());
+            table.push('\n');
+        }
+    }
+    if !steady_rows.is_empty() {
+        table.push_str(&format!(
+            "\nSteady state, single-row transactions:\n\n{}\n",
+            steady::HEADER
+        ));
+        for row in &steady_rows {
+            table.push_str(&row.markdown());
+            table.push('\n');
+        }
     }
     println!("\n{table}");
     if let Some(path) = write {
         let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
         let text = format!(
-            "Backlog drain, written by `scripts/bench {command}` on {} ({} CPUs).\n\n{table}",
+            "Written by `scripts/bench {command}` on {} ({} CPUs).\n\n{table}",
             machine(),
             std::thread::available_parallelism().map_or(0, usize::from)
         );
@@ -426,4 +457,182 @@ async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: &str
         poller_secs,
         pg_cpu: postmaster.map(|_| [pg_relay, pg_reader, pg_poller]),
     }
+}
+
+/// Creates a fresh database with the outbox table; returns its URL.
+async fn fresh_database(admin_url: &str, name: &str) -> String {
+    connect(admin_url)
+        .await
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("db");
+    match admin_url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{name}"),
+        None => panic!("DATABASE_URL must name a database"),
+    }
+}
+
+/// One steady-state run: `rate` single-row transactions per second for `seconds`.
+async fn steady_state(
+    publisher: steady::Publisher,
+    rate: u64,
+    seconds: u64,
+    admin_url: &str,
+    bootstrap: &str,
+    postmaster: Option<u32>,
+) -> steady::Steady {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let run = std::process::id();
+    let tag = format!(
+        "{}{rate}",
+        if publisher == steady::Publisher::Relay {
+            "r"
+        } else {
+            "p"
+        }
+    );
+    let database = format!("steady_{run}_{tag}");
+    let url = fresh_database(admin_url, &database).await;
+    let slot = format!("steady_{run}_{tag}");
+    let status = Command::new(relay_binary())
+        .args(["setup", "--apply-sql", "--slot", &slot])
+        .env("DATABASE_URL", &url)
+        .stdout(Stdio::null())
+        .status()
+        .expect("setup");
+    assert!(status.success());
+    let client = connect(&url).await;
+    let prefix = format!("steady{run}{tag}");
+    let topic = format!("{prefix}.steady");
+    let (stop_poller, poller_stopped) = tokio::sync::watch::channel(false);
+    let mut relay = None;
+    let mut poller_task = None;
+    match publisher {
+        steady::Publisher::Relay => {
+            relay = Some(
+                Command::new(relay_binary())
+                    .arg("run")
+                    .env("DATABASE_URL", &url)
+                    .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+                    .env("OUTBOX_RELAY_SLOT", &slot)
+                    .env("OUTBOX_RELAY_TOPIC_TEMPLATE", format!("{prefix}.{{aggregate_type}}"))
+                    .env("OUTBOX_RELAY_LOG", "warn")
+                    .env("OUTBOX_RELAY_METRICS_ADDR", "127.0.0.1:0")
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("relay"),
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let active: bool = client
+                    .query_one("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+                    .await
+                    .expect("slot")
+                    .get(0);
+                if active {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the relay did not start streaming");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        steady::Publisher::WriterOnly => {
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await
+                .expect("drop the unused slot");
+        }
+        steady::Publisher::Poller => {
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await
+                .expect("drop the unused slot");
+            poller::prepare(&client).await;
+            let poller_client = connect(&url).await;
+            poller_task = Some(tokio::spawn(poller::run(
+                poller_client,
+                bootstrap.to_owned(),
+                prefix.clone(),
+                poller_stopped,
+            )));
+        }
+    }
+
+    let expected = Arc::new(AtomicU64::new(u64::MAX));
+    let publishes = publisher != steady::Publisher::WriterOnly;
+    let stop = Arc::new(AtomicBool::new(false));
+    let latency = Arc::new(Mutex::new(
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram"),
+    ));
+    let consumer = publishes.then(|| {
+        let (bootstrap, topic) = (bootstrap.to_owned(), topic.clone());
+        let (expected, stop, latency) = (Arc::clone(&expected), Arc::clone(&stop), Arc::clone(&latency));
+        std::thread::spawn(move || steady::consume(bootstrap, topic, expected, stop, latency))
+    });
+
+    // The writer: single-row transactions, evenly spread in 10 ms ticks.
+    let writer = connect(&url).await;
+    let insert = writer
+        .prepare(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+             VALUES ('steady', $1, 'Tick', jsonb_build_object('t', (extract(epoch from clock_timestamp()) * 1000000)::bigint))",
+        )
+        .await
+        .expect("prepare");
+    let pg_before = postmaster.map(postgres_cpu);
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(10));
+    let mut written = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        ticker.tick().await;
+        let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+        while written < due {
+            let key = format!("k{}", written % 1000);
+            writer.execute(&insert, &[&key]).await.expect("insert");
+            written += 1;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let pg_cpu = pg_before.map(|before| postgres_cpu(postmaster.unwrap_or_default()) - before);
+    expected.store(written, Ordering::Release);
+    stop.store(true, Ordering::Release);
+    let received = match consumer {
+        Some(consumer) => tokio::task::spawn_blocking(move || consumer.join().expect("consumer"))
+            .await
+            .expect("consumer"),
+        None => written,
+    };
+    if received < written {
+        println!("steady {publisher:?} {rate}/s: only {received} of {written} events arrived within a minute");
+    }
+    let _ = stop_poller.send(true);
+    if let Some(task) = poller_task {
+        let _ = task.await;
+    }
+    if let Some(mut relay) = relay {
+        devrig::kill(relay.id(), 15);
+        let _ = relay.wait();
+        let _ = client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await;
+    }
+    drop(client);
+    drop(writer);
+    let _ = connect(admin_url)
+        .await
+        .batch_execute(&format!("DROP DATABASE {database} WITH (FORCE)"))
+        .await;
+    let latency = Arc::try_unwrap(latency)
+        .map(|m| m.into_inner().expect("histogram"))
+        .unwrap_or_else(|shared| shared.lock().expect("histogram").clone());
+    let result = steady::Steady {
+        publisher,
+        rate,
+        seconds: elapsed,
+        events: written,
+        latency,
+        pg_cpu,
+    };
+    println!("{}", result.markdown());
+    result
 }
