@@ -12,7 +12,7 @@
 //! commit-to-consumer latency and PostgreSQL CPU, for outbox-relay and for the poller.
 //!
 //! Usage: outbox-bench [--events N] [--seconds S] [--quick] [--scenario a|b|c|steady]
-//! [--write FILE] (default 1,000,000 events and 60 s per rate; --quick: 100,000 and 10 s;
+//! [--publisher writeronly|relay|poller] [--rates 0,1000,5000] [--write FILE] (default 1,000,000 events and 60 s per rate; --quick: 100,000 and 10 s;
 //! DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS honoured). Prints Markdown tables; --write also
 //! saves them.
 
@@ -249,12 +249,23 @@ async fn main() {
     }
     let mut steady_rows = Vec::new();
     if only.as_deref().is_none_or(|o| o == "steady") {
-        for publisher in [
+        let publishers = [
             steady::Publisher::WriterOnly,
             steady::Publisher::Relay,
             steady::Publisher::Poller,
-        ] {
-            for rate in [0, 1_000, 5_000] {
+        ];
+        let wanted = arg(&args, "--publisher");
+        let rates: Vec<u64> = arg(&args, "--rates").map_or(vec![0, 1_000, 5_000], |list| {
+            list.split(',').map(|r| r.parse().expect("--rates R,R,...")).collect()
+        });
+        for publisher in publishers {
+            if wanted
+                .as_deref()
+                .is_some_and(|w| !format!("{publisher:?}").eq_ignore_ascii_case(w))
+            {
+                continue;
+            }
+            for &rate in &rates {
                 steady_rows.push(steady_state(publisher, rate, seconds, &admin_url, &bootstrap, postmaster).await);
             }
         }
