@@ -151,13 +151,13 @@ impl Cleaner {
         for table in &tables {
             loop {
                 let rows = delete_batch(client, table, &mark.xmin).await?;
+                self.metrics.rows_cleaned.inc_by(rows);
                 deleted += rows;
                 if rows < BATCH as u64 || shutdown.is_triggered() {
                     break;
                 }
             }
         }
-        self.metrics.rows_cleaned.inc_by(deleted);
         tracing::debug!(deleted, mark_lsn = %mark.lsn, marks_kept = marks.len(), "cleanup pass");
         Ok(())
     }

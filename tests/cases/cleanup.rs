@@ -36,11 +36,14 @@ async fn retention_deletes_published_rows_and_never_an_unacknowledged_one() {
     consumer.read_until(Duration::from_secs(60), "the first events", |records| {
         records.iter().map(Record::id).collect::<HashSet<_>>() == published
     });
-    eventually(Duration::from_secs(30), "published rows to be deleted", || async {
-        outbox_ids(&db).await.is_empty().then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "published rows to be deleted and counted",
+        || async {
+            (outbox_ids(&db).await.is_empty() && relay.metric("outbox_relay_rows_cleaned_total") == 30.0).then_some(())
+        },
+    )
     .await;
-    assert_eq!(relay.metric("outbox_relay_rows_cleaned_total"), 30.0);
 
     // With the broker frozen nothing new is acknowledged, so nothing new may go.
     broker.pause();
@@ -69,10 +72,11 @@ async fn retention_deletes_published_rows_and_never_an_unacknowledged_one() {
     });
     eventually(
         Duration::from_secs(60),
-        "the now published rows to be deleted",
-        || async { outbox_ids(&db).await.is_empty().then_some(()) },
+        "the now published rows to be deleted and counted",
+        || async {
+            (outbox_ids(&db).await.is_empty() && relay.metric("outbox_relay_rows_cleaned_total") == 40.0).then_some(())
+        },
     )
     .await;
-    assert_eq!(relay.metric("outbox_relay_rows_cleaned_total"), 40.0);
     db.drop().await;
 }
