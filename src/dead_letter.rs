@@ -32,7 +32,7 @@ pub struct DeadLetter {
     pub original_topic: Option<String>,
     pub key: Option<Bytes>,
     pub payload: Option<Bytes>,
-    pub headers: Vec<(String, Option<Bytes>)>,
+    pub headers: crate::outbox::Headers,
     pub class: ErrorClass,
     pub reason: String,
 }
@@ -86,7 +86,7 @@ impl DeadLetter {
                 .map(|headers| {
                     headers
                         .iter()
-                        .map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice)))
+                        .map(|h| (h.key.to_owned().into(), h.value.map(Bytes::copy_from_slice)))
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -100,7 +100,7 @@ impl DeadLetter {
     pub fn without_payload(mut self) -> Self {
         let size = self.payload.take().map_or(0, |p| p.len());
         self.headers
-            .push((HEADER_PAYLOAD_OMITTED.to_owned(), Some(Bytes::from(size.to_string()))));
+            .push((HEADER_PAYLOAD_OMITTED.into(), Some(Bytes::from(size.to_string()))));
         self
     }
 
@@ -108,32 +108,29 @@ impl DeadLetter {
     pub fn into_event(self, topic: &str, source: &str) -> OutboxEvent {
         let id = self.id.clone().unwrap_or_default();
         let replaced = [HEADER_ID, HEADER_COMMIT_LSN, HEADER_TX_INDEX, HEADER_SOURCE];
-        let mut headers: Vec<(String, Option<Bytes>)> = self
+        let mut headers: crate::outbox::Headers = self
             .headers
             .into_iter()
-            .filter(|(name, _)| !replaced.contains(&name.as_str()))
+            .filter(|(name, _)| !replaced.contains(&name.as_ref()))
             .collect();
-        headers.push((HEADER_ERROR.to_owned(), Some(Bytes::from(self.reason))));
+        headers.push((HEADER_ERROR.into(), Some(Bytes::from(self.reason))));
         headers.push((
-            HEADER_ERROR_CLASS.to_owned(),
+            HEADER_ERROR_CLASS.into(),
             Some(Bytes::from_static(self.class.as_str().as_bytes())),
         ));
         if let Some(original) = self.original_topic {
-            headers.push((HEADER_ORIGINAL_TOPIC.to_owned(), Some(Bytes::from(original))));
+            headers.push((HEADER_ORIGINAL_TOPIC.into(), Some(Bytes::from(original))));
         }
-        headers.push((HEADER_ID.to_owned(), Some(Bytes::from(id.clone()))));
+        headers.push((HEADER_ID.into(), Some(Bytes::from(id.clone()))));
         headers.push((
-            HEADER_COMMIT_LSN.to_owned(),
+            HEADER_COMMIT_LSN.into(),
             Some(Bytes::from(self.position.commit_lsn.to_string())),
         ));
         headers.push((
-            HEADER_TX_INDEX.to_owned(),
+            HEADER_TX_INDEX.into(),
             Some(Bytes::from(self.position.index.to_string())),
         ));
-        headers.push((
-            HEADER_SOURCE.to_owned(),
-            Some(Bytes::copy_from_slice(source.as_bytes())),
-        ));
+        headers.push((HEADER_SOURCE.into(), Some(Bytes::copy_from_slice(source.as_bytes()))));
         OutboxEvent {
             key: self.key.unwrap_or_else(|| Bytes::from(id.clone())),
             payload: self.payload,

@@ -34,6 +34,12 @@ pub struct SourcePosition {
     pub index: u32,
 }
 
+/// A Kafka header name: the relay's own names are static, so naming them allocates nothing.
+pub type HeaderName = std::borrow::Cow<'static, str>;
+
+/// A record's headers, in order; a `None` value is a header without a value.
+pub type Headers = Vec<(HeaderName, Option<Bytes>)>;
+
 /// A record ready for Kafka. Key and value share the replication buffer (no copy).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEvent {
@@ -42,7 +48,7 @@ pub struct OutboxEvent {
     pub key: Bytes,
     /// `None` is a tombstone (a NULL payload under `--preset debezium`).
     pub payload: Option<Bytes>,
-    pub headers: Vec<(String, Option<Bytes>)>,
+    pub headers: Headers,
     pub position: SourcePosition,
 }
 
@@ -345,10 +351,10 @@ impl Mapper {
         }
         for (index, name) in &layout.header_columns {
             match value(*index).map_err(with_id)? {
-                Some(text) => headers.push((name.clone(), Some(text.clone()))),
+                Some(text) => headers.push((name.clone().into(), Some(text.clone()))),
                 // Debezium's EventRouter places a NULL extra column as a header with a
                 // null value; a NULL traceparent means no trace, so no header.
-                None if name != TRACEPARENT => headers.push((name.clone(), None)),
+                None if name != TRACEPARENT => headers.push((name.clone().into(), None)),
                 None => {}
             }
         }
@@ -433,30 +439,27 @@ impl Mapper {
 
     fn standard_headers(
         &self,
-        headers: &mut Vec<(String, Option<Bytes>)>,
+        headers: &mut Headers,
         id: &str,
         event_type: &str,
         aggregate_type: &str,
         position: SourcePosition,
     ) {
-        headers.push((HEADER_ID.to_owned(), Some(Bytes::copy_from_slice(id.as_bytes()))));
+        headers.push((HEADER_ID.into(), Some(Bytes::copy_from_slice(id.as_bytes()))));
         headers.push((
-            HEADER_EVENT_TYPE.to_owned(),
+            HEADER_EVENT_TYPE.into(),
             Some(Bytes::copy_from_slice(event_type.as_bytes())),
         ));
         headers.push((
-            HEADER_AGGREGATE_TYPE.to_owned(),
+            HEADER_AGGREGATE_TYPE.into(),
             Some(Bytes::copy_from_slice(aggregate_type.as_bytes())),
         ));
         headers.push((
-            HEADER_COMMIT_LSN.to_owned(),
+            HEADER_COMMIT_LSN.into(),
             Some(Bytes::from(position.commit_lsn.to_string())),
         ));
-        headers.push((
-            HEADER_TX_INDEX.to_owned(),
-            Some(Bytes::from(position.index.to_string())),
-        ));
-        headers.push((HEADER_SOURCE.to_owned(), Some(self.source.clone())));
+        headers.push((HEADER_TX_INDEX.into(), Some(Bytes::from(position.index.to_string()))));
+        headers.push((HEADER_SOURCE.into(), Some(self.source.clone())));
     }
 
     /// What can still be read from a row that could not be mapped: its key and payload
@@ -475,7 +478,7 @@ impl Mapper {
 
 /// Each key of the `headers` JSON object becomes a header: strings as they are, other
 /// JSON values as their JSON text, `null` as a header without a value.
-fn extra_headers(json: &[u8], headers: &mut Vec<(String, Option<Bytes>)>) -> Result<(), String> {
+fn extra_headers(json: &[u8], headers: &mut Headers) -> Result<(), String> {
     let parsed: serde_json::Value =
         serde_json::from_slice(json).map_err(|e| format!("column \"headers\" is not JSON: {e}"))?;
     let serde_json::Value::Object(map) = parsed else {
@@ -487,7 +490,7 @@ fn extra_headers(json: &[u8], headers: &mut Vec<(String, Option<Bytes>)>) -> Res
             serde_json::Value::String(text) => Some(Bytes::from(text)),
             other => Some(Bytes::from(other.to_string())),
         };
-        headers.push((name, value));
+        headers.push((name.into(), value));
     }
     Ok(())
 }

@@ -123,12 +123,12 @@ impl Producer {
         partition: i32,
         key: &[u8],
         payload: Option<&[u8]>,
-        headers: &[(String, Option<Bytes>)],
+        headers: &[(crate::outbox::HeaderName, Option<Bytes>)],
     ) -> Result<DeliveryFuture, KafkaError> {
         let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len());
         for (name, value) in headers {
             kafka_headers = kafka_headers.insert(Header {
-                key: name,
+                key: name.as_ref(),
                 value: value.as_deref(),
             });
         }
