@@ -13,9 +13,12 @@
 #[allow(dead_code)]
 mod kafka;
 
+mod common;
+
+use common::relay_binary;
+
 use std::collections::BTreeMap;
 use std::io::BufRead;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -32,14 +35,6 @@ impl Drop for Stopped {
         devrig::kill(self.0.id(), 15);
         let _ = self.0.wait();
     }
-}
-
-fn relay_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(|p| p.parent())
-        .expect("target dir")
-        .join("outbox-relay")
 }
 
 /// An outbox row to insert: aggregateid, type, payload, tenant, region.

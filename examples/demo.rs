@@ -9,20 +9,14 @@
 #[allow(dead_code)]
 mod kafka;
 
-use std::path::PathBuf;
+mod common;
+
+use common::relay_binary;
+
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tokio_postgres::NoTls;
-
-/// The relay binary built beside this example (target/release/outbox-relay).
-fn relay_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(|p| p.parent())
-        .expect("target dir")
-        .join("outbox-relay")
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {

@@ -36,7 +36,7 @@ use tokio::sync::watch;
 
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::postgres::connection::Database;
+use crate::postgres::connection::{Database, SideConnection};
 use crate::shutdown::Shutdown;
 
 /// Rows deleted per statement.
@@ -100,35 +100,26 @@ impl Cleaner {
         let mut ticker = tokio::time::interval(mark_interval(self.retention));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut marks = Marks::default();
-        let mut client: Option<tokio_postgres::Client> = None;
-        let mut warned = false;
+        let mut side = SideConnection::new(self.database.clone(), "cleanup");
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.wait() => return,
                 _ = ticker.tick() => {}
             }
-            if client.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
-                client = self.database.connect().await.ok();
-            }
-            let Some(connection) = client.as_ref() else { continue };
-            let result = self.pass(connection, &mut marks, &mut shutdown).await;
-            match result {
-                Ok(()) => warned = false,
+            let Some(connection) = side.client().await else {
+                continue;
+            };
+            match self.pass(connection, &mut marks, &mut shutdown).await {
+                Ok(()) => side.succeeded(),
                 Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
                     tracing::error!(
                         error = %self.database.connect_error(&error),
-                        "cleanup disabled: the relay's role needs DELETE on the outbox tables (see sql/003_role.sql)"
+                        "cleanup disabled: the relay's role needs DELETE on the outbox tables (see sql/003_relay_role.sql)"
                     );
                     return;
                 }
-                Err(error) => {
-                    if !warned {
-                        tracing::warn!(error = %self.database.connect_error(&error), "cleanup: PostgreSQL did not answer; retrying");
-                        warned = true;
-                    }
-                    client = None;
-                }
+                Err(error) => side.failed(&error),
             }
         }
     }

@@ -18,7 +18,7 @@ use rdkafka::producer::Producer as _;
 use crate::kafka::Producer;
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
-use crate::postgres::connection::Database;
+use crate::postgres::connection::{Database, SideConnection};
 use crate::shutdown::Shutdown;
 
 /// The prefix of heartbeat messages. Other prefixes are the application's.
@@ -61,8 +61,7 @@ impl Monitor {
         };
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut client = None;
-        let mut warned = false;
+        let mut side = SideConnection::new(self.database.clone(), "monitor");
         let mut heartbeat = !self.heartbeat_interval.is_zero();
         let mut last_beat: Option<Instant> = None;
         let mut last_sample: Option<Instant> = None;
@@ -73,10 +72,9 @@ impl Monitor {
                 _ = shutdown.wait() => return,
                 _ = ticker.tick() => {}
             }
-            if client.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
-                client = self.database.connect().await.ok();
-            }
-            let Some(connection) = client.as_ref() else { continue };
+            let Some(connection) = side.client().await else {
+                continue;
+            };
             let mut failed = None;
             if heartbeat && last_beat.is_none_or(|at| at.elapsed() >= self.heartbeat_interval) {
                 last_beat = Some(Instant::now());
@@ -103,14 +101,8 @@ impl Monitor {
                 self.sample_broker().await;
             }
             match failed {
-                None => warned = false,
-                Some(error) => {
-                    if !warned {
-                        tracing::warn!(error = %self.database.connect_error(&error), "monitor: PostgreSQL did not answer; retrying");
-                        warned = true;
-                    }
-                    client = None;
-                }
+                None => side.succeeded(),
+                Some(error) => side.failed(&error),
             }
         }
     }

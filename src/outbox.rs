@@ -118,17 +118,7 @@ impl ColumnNames {
     }
 
     fn is_known(&self, column: &str) -> bool {
-        [
-            &self.id,
-            &self.aggregate_type,
-            &self.aggregate_id,
-            &self.event_type,
-            &self.payload,
-            &self.headers,
-        ]
-        .iter()
-        .any(|name| name.as_str() == column)
-            || column == "created_at"
+        self.required().contains(&column) || column == self.headers || column == "created_at"
     }
 }
 

@@ -76,11 +76,6 @@ fn relay_confirmed(port: u16) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
-fn lsn_bytes(text: &str) -> u64 {
-    let (high, low) = text.split_once('/').expect("an LSN");
-    (u64::from_str_radix(high, 16).expect("LSN") << 32) | u64::from_str_radix(low, 16).expect("LSN")
-}
-
 /// CPU seconds used by the PostgreSQL server so far: the postmaster, every live child
 /// (backends, walsenders, background workers) and every child already exited and reaped
 /// (the postmaster's cutime/cstime), so short-lived backends count too.
@@ -331,25 +326,11 @@ async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: &str
     let run = std::process::id();
     let tag = scenario.name.chars().next().unwrap_or('x');
     let database = format!("bench_{run}_{tag}");
-    connect(admin_url)
-        .await
-        .batch_execute(&format!("CREATE DATABASE {database}"))
-        .await
-        .expect("db");
-    let url = match admin_url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{database}"),
-        None => panic!("DATABASE_URL must name a database"),
-    };
+    let url = fresh_database(admin_url, &database).await;
     let mut client = connect(&url).await;
     let relay_slot = format!("bench_relay_{run}_{tag}");
     let reader_slot = format!("bench_recvlogical_{run}_{tag}");
-    let status = Command::new(relay_binary())
-        .args(["setup", "--apply-sql", "--slot", &relay_slot])
-        .env("DATABASE_URL", &url)
-        .stdout(Stdio::null())
-        .status()
-        .expect("setup");
-    assert!(status.success());
+    setup(&url, &relay_slot);
     client
         .query_one(
             "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -403,7 +384,7 @@ async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: &str
         .stdout(Stdio::null())
         .spawn()
         .expect("relay");
-    let end = lsn_bytes(&target);
+    let end = target.parse::<outbox_relay::lsn::Lsn>().expect("an LSN").0;
     while relay_confirmed(port) < end {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -470,7 +451,7 @@ async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: &str
     }
 }
 
-/// Creates a fresh database with the outbox table; returns its URL.
+/// Creates an empty database; returns its URL.
 async fn fresh_database(admin_url: &str, name: &str) -> String {
     connect(admin_url)
         .await
@@ -481,6 +462,17 @@ async fn fresh_database(admin_url: &str, name: &str) -> String {
         Some((base, _)) => format!("{base}/{name}"),
         None => panic!("DATABASE_URL must name a database"),
     }
+}
+
+/// `outbox-relay setup --apply-sql`: the outbox table, the publication and `slot`.
+fn setup(url: &str, slot: &str) {
+    let status = Command::new(relay_binary())
+        .args(["setup", "--apply-sql", "--slot", slot])
+        .env("DATABASE_URL", url)
+        .stdout(Stdio::null())
+        .status()
+        .expect("setup");
+    assert!(status.success(), "outbox-relay setup failed");
 }
 
 /// One steady-state run: `rate` single-row transactions per second for `seconds`.
@@ -496,24 +488,16 @@ async fn steady_state(
     use std::sync::{Arc, Mutex};
 
     let run = std::process::id();
-    let tag = format!(
-        "{}{rate}",
-        if publisher == steady::Publisher::Relay {
-            "r"
-        } else {
-            "p"
-        }
-    );
+    let letter = match publisher {
+        steady::Publisher::WriterOnly => "w",
+        steady::Publisher::Relay => "r",
+        steady::Publisher::Poller => "p",
+    };
+    let tag = format!("{letter}{rate}");
     let database = format!("steady_{run}_{tag}");
     let url = fresh_database(admin_url, &database).await;
     let slot = format!("steady_{run}_{tag}");
-    let status = Command::new(relay_binary())
-        .args(["setup", "--apply-sql", "--slot", &slot])
-        .env("DATABASE_URL", &url)
-        .stdout(Stdio::null())
-        .status()
-        .expect("setup");
-    assert!(status.success());
+    setup(&url, &slot);
     let client = connect(&url).await;
     let prefix = format!("steady{run}{tag}");
     let topic = format!("{prefix}.steady");

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -69,10 +69,8 @@ impl Steady {
 pub const HEADER: &str = "| publisher | target events/s | seconds | events | p50 ms | p99 ms | p99.9 ms | max ms | PostgreSQL CPU ms per s | PostgreSQL CPU us/event (writer included) |
 | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |";
 
-pub fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+fn now_micros() -> u64 {
+    u64::try_from(outbox_relay::monitor::now_micros()).unwrap_or(0)
 }
 
 /// Reads `topic` from the beginning until `stop` is set and `expected` events have

@@ -160,6 +160,49 @@ fn redact(url: &str) -> String {
         .join(" ")
 }
 
+/// An ordinary connection for periodic side work (monitor, cleanup): connected on demand,
+/// dropped after a failure and made again at the next use; a failure is logged once until
+/// the next success, so a long outage is one line, not one per tick.
+pub struct SideConnection {
+    database: Database,
+    /// Names the work in the log line.
+    what: &'static str,
+    client: Option<Client>,
+    warned: bool,
+}
+
+impl SideConnection {
+    pub fn new(database: Database, what: &'static str) -> Self {
+        SideConnection {
+            database,
+            what,
+            client: None,
+            warned: false,
+        }
+    }
+
+    /// The connection, made now if there is none; `None` while PostgreSQL is unreachable.
+    pub async fn client(&mut self) -> Option<&Client> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = self.database.connect().await.ok();
+        }
+        self.client.as_ref()
+    }
+
+    pub fn succeeded(&mut self) {
+        self.warned = false;
+    }
+
+    /// Logs the first failure after a success and drops the connection.
+    pub fn failed(&mut self, error: &tokio_postgres::Error) {
+        if !self.warned {
+            tracing::warn!(error = %self.database.connect_error(error), "{}: PostgreSQL did not answer; retrying", self.what);
+            self.warned = true;
+        }
+        self.client = None;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
