@@ -57,7 +57,7 @@ const DEFAULTS: [(&str, &str); 5] = [
     // Fewer, larger produce requests. Measured at 5k single-row transactions/s for 40 s on
     // the local broker (docs/performance.md): commit-to-consumer p99 352 ms with
     // librdkafka's 5 ms (the broker saturated on small requests), 88 ms with 10 ms, 41 ms
-    // with 20 ms; at 1k/s p99 27 ms with 20 ms.
+    // with 20 ms; at 1k/s p99 27 ms with 20 ms. ADR 0004.
     ("linger.ms", "20"),
     ("partitioner", "murmur2_random"),
     // Bounds the producer's own buffer; a full buffer pauses reading from PostgreSQL.
