@@ -37,6 +37,9 @@ pub enum RelayError {
     Protocol(String),
     #[error("{0}")]
     Unreachable(String),
+    /// The relay's own task ended abnormally (a bug); reported, not a panic.
+    #[error("{0}")]
+    Internal(String),
     #[error("replication slot {slot:?} is held by another process and --slot-busy=exit: {detail}")]
     SlotBusy { slot: String, detail: String },
 }

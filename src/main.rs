@@ -67,7 +67,14 @@ async fn execute(command: Command) -> Result<u8, RelayError> {
             let settings = RelaySettings::from_args(&args)?;
             let (trigger, shutdown) = shutdown::channel();
             let signals = tokio::spawn(forward_signals(trigger));
-            let result = app::run(settings, shutdown).await;
+            // On a worker thread, not block_on's: the stream, the relay loop and the
+            // delivery futures then wake each other on the same worker (tokio's LIFO slot)
+            // instead of across threads, which at a steady trickle of single-row
+            // transactions cost most of the relay's CPU (docs/performance.md).
+            let result = match tokio::spawn(app::run(settings, shutdown)).await {
+                Ok(result) => result,
+                Err(join) => Err(RelayError::Internal(format!("the relay task failed: {join}"))),
+            };
             signals.abort();
             result.map(|()| 0)
         }

@@ -3,7 +3,10 @@
 //! the time from the commit (a `clock_timestamp()` taken inside the inserting transaction,
 //! in the payload) to its arrival at the consumer. Also the PostgreSQL CPU time spent
 //! meanwhile, writer included, and at rate 0 what an idle relay or poller costs the server.
+//! Rate [`MAX_RATE`] (`max` on the command line): [`MAX_WRITERS`] connections insert as fast
+//! as the database accepts, the highest steady load this machine can give.
 
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,6 +15,36 @@ use hdrhistogram::Histogram;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::{poller, probe, rig};
+
+/// The rate that means "as fast as the database accepts".
+pub const MAX_RATE: u64 = u64::MAX;
+
+/// Concurrent writer connections at [`MAX_RATE`]: enough to keep PostgreSQL busy on two
+/// cores, each waiting for its own commit.
+const MAX_WRITERS: usize = 4;
+
+/// `0,1000,5000,max` into rates.
+pub fn parse_rates(list: &str) -> Vec<u64> {
+    list.split(',')
+        .map(|r| {
+            if r == "max" {
+                MAX_RATE
+            } else {
+                r.parse().expect("--rates R,R,...,max")
+            }
+        })
+        .collect()
+}
+
+fn rate_label(rate: u64) -> String {
+    if rate == MAX_RATE {
+        "max".to_owned()
+    } else {
+        rate.to_string()
+    }
+}
 
 /// Which design publishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +63,11 @@ pub struct Steady {
     pub events: u64,
     /// Commit to consumer, microseconds.
     pub latency: Histogram<u64>,
+    /// The relay's own commit-to-ack p50 and p99, ms (upper bounds of its histogram's
+    /// buckets): latency without the consumer's side of the broker.
+    pub relay_ack: Option<(Option<f64>, Option<f64>)>,
+    /// The relay process's CPU seconds, start-up included.
+    pub relay_cpu: Option<f64>,
     /// PostgreSQL CPU seconds during the run.
     pub pg_cpu: Option<f64>,
 }
@@ -59,15 +97,28 @@ impl Steady {
         } else {
             "- | - | - | -".to_owned()
         };
+        let bound = |ms: Option<f64>| ms.map_or_else(|| "-".to_owned(), |ms| format!("<= {ms:.0}"));
+        let relay_ack = self.relay_ack.map_or_else(
+            || "- | -".to_owned(),
+            |(p50, p99)| format!("{} | {}", bound(p50), bound(p99)),
+        );
+        let relay_cpu = match self.relay_cpu {
+            Some(cpu) if self.events > 0 => format!("{:.1}", cpu * 1e6 / self.events as f64),
+            _ => "-".to_owned(),
+        };
         format!(
-            "| {:?} | {} | {:.0} | {} | {latency} | {per_second} | {per_event} |",
-            self.publisher, self.rate, self.seconds, self.events
+            "| {:?} | {} | {:.0} | {} | {:.0} | {latency} | {relay_ack} | {relay_cpu} | {per_second} | {per_event} |",
+            self.publisher,
+            rate_label(self.rate),
+            self.seconds,
+            self.events,
+            self.events as f64 / self.seconds
         )
     }
 }
 
-pub const HEADER: &str = "| publisher | target events/s | seconds | events | p50 ms | p99 ms | p99.9 ms | max ms | PostgreSQL CPU ms per s | PostgreSQL CPU us/event (writer included) |
-| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |";
+pub const HEADER: &str = "| publisher | target events/s | seconds | events | events/s written | p50 ms | p99 ms | p99.9 ms | max ms | relay's commit-to-ack p50 ms | p99 ms | relay CPU us/event | PostgreSQL CPU ms per s | PostgreSQL CPU us/event (writer included) |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |";
 
 fn now_micros() -> u64 {
     u64::try_from(outbox_relay::monitor::now_micros()).unwrap_or(0)
@@ -137,4 +188,192 @@ pub fn consume(
             received += 1;
         }
     }
+}
+
+/// One steady-state run: `rate` single-row transactions per second for `seconds`.
+pub async fn measure(
+    publisher: Publisher,
+    rate: u64,
+    seconds: u64,
+    admin_url: &str,
+    bootstrap: &str,
+    postmaster: Option<u32>,
+) -> Steady {
+    let run = std::process::id();
+    let letter = match publisher {
+        Publisher::WriterOnly => "w",
+        Publisher::Relay => "r",
+        Publisher::Poller => "p",
+    };
+    let tag = format!("{letter}{rate}");
+    let database = format!("steady_{run}_{tag}");
+    let url = rig::fresh_database(admin_url, &database).await;
+    let slot = format!("steady_{run}_{tag}");
+    rig::setup(&url, &slot);
+    let client = rig::connect(&url).await;
+    let prefix = format!("steady{run}{tag}");
+    let topic = format!("{prefix}.steady");
+    let (stop_poller, poller_stopped) = tokio::sync::watch::channel(false);
+    let mut relay = None;
+    let metrics_port = devrig::free_port().expect("a free port");
+    let mut poller_task = None;
+    match publisher {
+        Publisher::Relay => {
+            relay = Some(
+                Command::new(rig::relay_binary())
+                    .arg("run")
+                    .env("DATABASE_URL", &url)
+                    .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+                    .env("OUTBOX_RELAY_SLOT", &slot)
+                    .env("OUTBOX_RELAY_TOPIC_TEMPLATE", format!("{prefix}.{{aggregate_type}}"))
+                    .env("OUTBOX_RELAY_LOG", "warn")
+                    .env("OUTBOX_RELAY_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("relay"),
+            );
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let active: bool = client
+                    .query_one("SELECT active FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+                    .await
+                    .expect("slot")
+                    .get(0);
+                if active {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "the relay did not start streaming");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Publisher::WriterOnly => {
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await
+                .expect("drop the unused slot");
+        }
+        Publisher::Poller => {
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await
+                .expect("drop the unused slot");
+            poller::prepare(&client).await;
+            let poller_client = rig::connect(&url).await;
+            poller_task = Some(tokio::spawn(poller::run(
+                poller_client,
+                bootstrap.to_owned(),
+                prefix.clone(),
+                poller_stopped,
+            )));
+        }
+    }
+
+    let expected = Arc::new(AtomicU64::new(u64::MAX));
+    let publishes = publisher != Publisher::WriterOnly;
+    let stop = Arc::new(AtomicBool::new(false));
+    let latency = Arc::new(Mutex::new(
+        hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram"),
+    ));
+    let consumer = publishes.then(|| {
+        let (bootstrap, topic) = (bootstrap.to_owned(), topic.clone());
+        let (expected, stop, latency) = (Arc::clone(&expected), Arc::clone(&stop), Arc::clone(&latency));
+        std::thread::spawn(move || consume(bootstrap, topic, expected, stop, latency))
+    });
+
+    let pg_before = postmaster.map(probe::postgres_cpu);
+    let started = Instant::now();
+    let written = write(&url, rate, Duration::from_secs(seconds)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let pg_cpu = pg_before.map(|before| probe::postgres_cpu(postmaster.unwrap_or_default()) - before);
+    expected.store(written, Ordering::Release);
+    stop.store(true, Ordering::Release);
+    let received = match consumer {
+        Some(consumer) => tokio::task::spawn_blocking(move || consumer.join().expect("consumer"))
+            .await
+            .expect("consumer"),
+        None => written,
+    };
+    if received < written {
+        println!(
+            "steady {publisher:?} {}/s: only {received} of {written} events arrived within a minute",
+            rate_label(rate)
+        );
+    }
+    let _ = stop_poller.send(true);
+    if let Some(task) = poller_task {
+        let _ = task.await;
+    }
+    let relay_ack = relay.is_some().then(|| {
+        (
+            probe::relay_ack_quantile_ms(metrics_port, 0.5),
+            probe::relay_ack_quantile_ms(metrics_port, 0.99),
+        )
+    });
+    let relay_cpu = relay.as_ref().map(|r| probe::cpu_seconds(r.id()));
+    if let Some(mut relay) = relay {
+        devrig::kill(relay.id(), 15);
+        let _ = relay.wait();
+        let _ = client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await;
+    }
+    drop(client);
+    rig::drop_database(admin_url, &database).await;
+    let latency = Arc::try_unwrap(latency)
+        .map(|m| m.into_inner().expect("histogram"))
+        .unwrap_or_else(|shared| shared.lock().expect("histogram").clone());
+    let result = Steady {
+        publisher,
+        rate,
+        seconds: elapsed,
+        events: written,
+        latency,
+        relay_ack,
+        relay_cpu,
+        pg_cpu,
+    };
+    println!("{}", result.markdown());
+    result
+}
+
+/// Inserts single-row transactions, each with its commit time in the payload, for
+/// `duration`: at `rate` per second evenly spread in 10 ms ticks, or at [`MAX_RATE`] from
+/// [`MAX_WRITERS`] connections as fast as they commit. Returns the events written.
+async fn write(url: &str, rate: u64, duration: Duration) -> u64 {
+    const INSERT: &str = "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+         VALUES ('steady', $1, 'Tick', jsonb_build_object('t', (extract(epoch from clock_timestamp()) * 1000000)::bigint))";
+    let started = Instant::now();
+    if rate == MAX_RATE {
+        let mut writers = Vec::new();
+        for writer in 0..MAX_WRITERS as u64 {
+            let client = rig::connect(url).await;
+            writers.push(tokio::spawn(async move {
+                let insert = client.prepare(INSERT).await.expect("prepare");
+                let mut written = 0u64;
+                while started.elapsed() < duration {
+                    let key = format!("k{}", (written * MAX_WRITERS as u64 + writer) % 1000);
+                    client.execute(&insert, &[&key]).await.expect("insert");
+                    written += 1;
+                }
+                written
+            }));
+        }
+        let mut total = 0;
+        for writer in writers {
+            total += writer.await.expect("writer");
+        }
+        return total;
+    }
+    let client = rig::connect(url).await;
+    let insert = client.prepare(INSERT).await.expect("prepare");
+    let mut ticker = tokio::time::interval(Duration::from_millis(10));
+    let mut written = 0u64;
+    while started.elapsed() < duration {
+        ticker.tick().await;
+        let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+        while written < due {
+            let key = format!("k{}", written % 1000);
+            client.execute(&insert, &[&key]).await.expect("insert");
+            written += 1;
+        }
+    }
+    written
 }
