@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("svg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 figures = json.load(open(sys.argv[1]))
 plt.rcParams["svg.fonttype"] = "none"  # text stays text
@@ -41,18 +42,19 @@ if drains:
 
 if steady:
     ax = axes.pop(0)
-    for publisher, marker in (("Relay", "o"), ("Poller", "s")):
+    for publisher, marker, color in (("Relay", "o", "C0"), ("Poller", "s", "C2")):
         rows = sorted((s for s in steady if s["publisher"] == publisher), key=lambda s: s["rate"])
         if not rows:
             continue
         name = "outbox-relay" if publisher == "Relay" else "polling relay"
         for quantile, style in (("p50", ":"), ("p99", "-"), ("p999", "--")):
-            ax.plot([s["rate"] for s in rows], [s[quantile] for s in rows], style, marker=marker,
+            ax.plot([s["rate"] for s in rows], [s[quantile] for s in rows], style, marker=marker, color=color,
                     label=f"{name} {quantile.replace('p999', 'p99.9')}")
-    ax.axhline(25, color="grey", linewidth=0.8)
+    ax.axhline(25, color="grey", linewidth=0.8, label="25 ms")
     ax.set_xlabel("events per second written (single-row transactions)")
     ax.set_ylabel("commit to consumer, ms")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_title("Steady state latency")
     ax.legend(fontsize="small")
 

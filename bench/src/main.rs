@@ -7,8 +7,9 @@
 //!   database accepts; commit-to-consumer latency and PostgreSQL CPU, relay and poller.
 //!
 //! Usage: outbox-bench [--events N] [--seconds S] [--quick] [--scenario a|b|c|broker|steady]
-//! [--publisher writeronly|relay|poller] [--rates 0,1000,5000,max] [--no-debezium]
-//! [--write FILE.md] (default 1,000,000 events and 60 s per rate; --quick: 100,000 and 10 s;
+//! [--publisher writeronly|relay|poller|pgrecvlogical] [--rates 0,1000,5000,max] [--no-debezium]
+//! [--write FILE.md] (default 1,000,000 events, rates 0, 1k, 5k and max for 60 s each;
+//! --quick, under two minutes: 50,000 events and 5 s per rate, no writer-only runs;
 //! DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS honoured). Prints Markdown tables; --write also
 //! saves them, their figures as FILE.json and, with `scripts/bench`'s plotting venv, a plot
 //! as FILE.svg.
@@ -35,10 +36,10 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    let events: u64 = arg(&args, "--events").map_or(if quick { 100_000 } else { 1_000_000 }, |n| {
+    let events: u64 = arg(&args, "--events").map_or(if quick { 50_000 } else { 1_000_000 }, |n| {
         n.parse().expect("--events N")
     });
-    let seconds: u64 = arg(&args, "--seconds").map_or(if quick { 10 } else { 60 }, |n| n.parse().expect("--seconds S"));
+    let seconds: u64 = arg(&args, "--seconds").map_or(if quick { 5 } else { 60 }, |n| n.parse().expect("--seconds S"));
     let only = arg(&args, "--scenario");
     let wanted = |name: &str| only.as_deref().is_none_or(|o| name.starts_with(o));
     if args.iter().any(|a| a == "--no-debezium") {
@@ -84,6 +85,7 @@ async fn main() {
             steady::Publisher::WriterOnly,
             steady::Publisher::Relay,
             steady::Publisher::Poller,
+            steady::Publisher::PgRecvlogical,
         ];
         let publisher = arg(&args, "--publisher");
         let rates = arg(&args, "--rates").map_or_else(
@@ -91,6 +93,11 @@ async fn main() {
             |list| steady::parse_rates(&list),
         );
         for candidate in publishers {
+            let opt_in =
+                candidate == steady::Publisher::PgRecvlogical || (quick && candidate == steady::Publisher::WriterOnly);
+            if opt_in && publisher.is_none() {
+                continue;
+            }
             if publisher
                 .as_deref()
                 .is_some_and(|w| !format!("{candidate:?}").eq_ignore_ascii_case(w))

@@ -53,6 +53,9 @@ pub enum Publisher {
     WriterOnly,
     Relay,
     Poller,
+    /// `pg_recvlogical` reading the slot to /dev/null: what log tailing itself costs the
+    /// server at a steady rate, whoever tails (opt-in: `--publisher pgrecvlogical`).
+    PgRecvlogical,
 }
 
 /// What one steady-state run measured.
@@ -204,6 +207,7 @@ pub async fn measure(
         Publisher::WriterOnly => "w",
         Publisher::Relay => "r",
         Publisher::Poller => "p",
+        Publisher::PgRecvlogical => "l",
     };
     let tag = format!("{letter}{rate}");
     let database = format!("steady_{run}_{tag}");
@@ -214,12 +218,13 @@ pub async fn measure(
     let prefix = format!("steady{run}{tag}");
     let topic = format!("{prefix}.steady");
     let (stop_poller, poller_stopped) = tokio::sync::watch::channel(false);
-    let mut relay = None;
+    // The relay or pg_recvlogical, whichever reads the slot.
+    let mut reader = None;
     let metrics_port = devrig::free_port().expect("a free port");
     let mut poller_task = None;
     match publisher {
-        Publisher::Relay => {
-            relay = Some(
+        Publisher::Relay | Publisher::PgRecvlogical => {
+            let child = if publisher == Publisher::Relay {
                 Command::new(rig::relay_binary())
                     .arg("run")
                     .env("DATABASE_URL", &url)
@@ -230,8 +235,16 @@ pub async fn measure(
                     .env("OUTBOX_RELAY_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
                     .stdout(Stdio::null())
                     .spawn()
-                    .expect("relay"),
-            );
+                    .expect("relay")
+            } else {
+                Command::new(devrig::pg_bindir().expect("PostgreSQL bin dir").join("pg_recvlogical"))
+                    .args(["-d", &url, "--slot", &slot, "--start", "-f", "/dev/null"])
+                    .args(["-o", "proto_version=1", "-o", "publication_names=outbox_pub"])
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("pg_recvlogical")
+            };
+            reader = Some(child);
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 let active: bool = client
@@ -242,7 +255,7 @@ pub async fn measure(
                 if active {
                     break;
                 }
-                assert!(Instant::now() < deadline, "the relay did not start streaming");
+                assert!(Instant::now() < deadline, "{publisher:?} did not start streaming");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -269,7 +282,7 @@ pub async fn measure(
     }
 
     let expected = Arc::new(AtomicU64::new(u64::MAX));
-    let publishes = publisher != Publisher::WriterOnly;
+    let publishes = matches!(publisher, Publisher::Relay | Publisher::Poller);
     let stop = Arc::new(AtomicBool::new(false));
     let latency = Arc::new(Mutex::new(
         hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram"),
@@ -303,16 +316,19 @@ pub async fn measure(
     if let Some(task) = poller_task {
         let _ = task.await;
     }
-    let relay_ack = relay.is_some().then(|| {
+    let relay_ack = (publisher == Publisher::Relay).then(|| {
         (
             probe::relay_ack_quantile_ms(metrics_port, 0.5),
             probe::relay_ack_quantile_ms(metrics_port, 0.99),
         )
     });
-    let relay_cpu = relay.as_ref().map(|r| probe::cpu_seconds(r.id()));
-    if let Some(mut relay) = relay {
-        devrig::kill(relay.id(), 15);
-        let _ = relay.wait();
+    let relay_cpu = reader
+        .as_ref()
+        .filter(|_| publisher == Publisher::Relay)
+        .map(|r| probe::cpu_seconds(r.id()));
+    if let Some(mut reader) = reader {
+        devrig::kill(reader.id(), 15);
+        let _ = reader.wait();
         let _ = client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await;
     }
     drop(client);
