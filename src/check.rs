@@ -213,7 +213,7 @@ async fn publication(settings: &RelaySettings, client: &Client) -> Result<Vec<It
                 "publication {name} does not exist in database {}",
                 settings.database.dbname()
             ),
-            fix_of(&problem),
+            problem.fix(),
         )]);
     };
     if !row.get::<_, bool>(0) {
@@ -290,14 +290,13 @@ async fn slot_item(settings: &RelaySettings, client: &Client) -> Result<Item, to
                 .await?
                 .get(0);
             let fix = if free > 0 {
-                fix_of(&problem)
+                problem.fix()
             } else {
                 "raise max_replication_slots (every slot is in use) and restart PostgreSQL, then run `outbox-relay setup`"
-                    .to_owned()
             };
             Item::fail(format!("slot {name} does not exist"), fix)
         }
-        Err(problem) => Item::fail(format!("slot {name}: unusable"), problem.to_string()),
+        Err(problem) => Item::fail(format!("slot {name} is unusable: {problem}"), problem.fix()),
     })
 }
 
@@ -344,11 +343,6 @@ async fn retention(settings: &RelaySettings, client: &Client) -> Result<Vec<Item
 }
 
 /// The fix part of a problem's message (after "; ").
-fn fix_of(problem: &SlotProblem) -> String {
-    let text = problem.to_string();
-    text.split_once("; ").map_or(text.clone(), |(_, fix)| fix.to_owned())
-}
-
 async fn kafka_checks(settings: &RelaySettings, report: &mut Report) {
     let producer = match Producer::new(&settings.producer) {
         Ok(producer) => producer,
@@ -441,11 +435,12 @@ mod tests {
     }
 
     #[test]
-    fn the_fix_is_the_second_half_of_a_slot_problem() {
-        let fix = fix_of(&SlotProblem::PublicationMissing {
+    fn a_slot_problem_names_its_fix_in_its_message() {
+        let problem = SlotProblem::PublicationMissing {
             publication: "p".into(),
             database: "d".into(),
-        });
-        assert!(fix.starts_with("create it with sql/002_publication.sql"), "{fix}");
+        };
+        assert!(problem.fix().starts_with("create it with sql/002_publication.sql"));
+        assert!(problem.to_string().ends_with(problem.fix()), "{problem}");
     }
 }

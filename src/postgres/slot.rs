@@ -27,9 +27,12 @@ pub struct SlotInfo {
 /// Why a slot cannot be streamed from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SlotProblem {
-    #[error("replication slot {slot:?} does not exist in database {database:?}; create it with `outbox-relay setup` (a new slot starts at the current WAL position: events written before it are not published)")]
+    #[error(
+        "replication slot {slot:?} does not exist in database {database:?}; {}",
+        SlotProblem::MISSING_FIX
+    )]
     Missing { slot: String, database: String },
-    #[error("replication slot {slot:?} is not a logical pgoutput slot of database {database:?} (type {slot_type}, plugin {plugin}, database {found_database}); drop it or choose another --slot")]
+    #[error("replication slot {slot:?} is not a logical pgoutput slot of database {database:?} (type {slot_type}, plugin {plugin}, database {found_database}); {}", SlotProblem::WRONG_KIND_FIX)]
     WrongKind {
         slot: String,
         database: String,
@@ -37,10 +40,32 @@ pub enum SlotProblem {
         plugin: String,
         found_database: String,
     },
-    #[error("replication slot {slot:?} was invalidated by PostgreSQL (wal_status = lost, usually max_slot_wal_keep_size): WAL it needed is gone and events may have been lost. Compare the outbox table with the topics, then drop the slot and run `outbox-relay setup` again")]
+    #[error("replication slot {slot:?} was invalidated by PostgreSQL (wal_status = lost, usually max_slot_wal_keep_size): WAL it needed is gone and events may have been lost; {}", SlotProblem::LOST_FIX)]
     Lost { slot: String },
-    #[error("publication {publication:?} does not exist in database {database:?}; create it with sql/002_publication.sql or `outbox-relay setup --apply-sql`")]
+    #[error(
+        "publication {publication:?} does not exist in database {database:?}; {}",
+        SlotProblem::PUBLICATION_MISSING_FIX
+    )]
     PublicationMissing { publication: String, database: String },
+}
+
+impl SlotProblem {
+    const MISSING_FIX: &'static str = "create it with `outbox-relay setup` (a new slot starts at the current WAL position: events written before it are not published)";
+    const WRONG_KIND_FIX: &'static str = "drop it or choose another --slot";
+    const LOST_FIX: &'static str =
+        "compare the outbox table with the topics, then drop the slot and run `outbox-relay setup` again";
+    const PUBLICATION_MISSING_FIX: &'static str =
+        "create it with sql/002_publication.sql or `outbox-relay setup --apply-sql`";
+
+    /// What to do about it, for checklists that show the problem and the fix apart.
+    pub fn fix(&self) -> &'static str {
+        match self {
+            SlotProblem::Missing { .. } => Self::MISSING_FIX,
+            SlotProblem::WrongKind { .. } => Self::WRONG_KIND_FIX,
+            SlotProblem::Lost { .. } => Self::LOST_FIX,
+            SlotProblem::PublicationMissing { .. } => Self::PUBLICATION_MISSING_FIX,
+        }
+    }
 }
 
 fn parse_lsn(text: Option<String>) -> Option<Lsn> {
