@@ -342,7 +342,7 @@ async fn retention(settings: &RelaySettings, client: &Client) -> Result<Vec<Item
         .collect())
 }
 
-/// The fix part of a problem's message (after "; ").
+/// Kafka: the client settings, the bootstrap servers and the dead-letter topic.
 async fn kafka_checks(settings: &RelaySettings, report: &mut Report) {
     let producer = match Producer::new(&settings.producer) {
         Ok(producer) => producer,
