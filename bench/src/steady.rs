@@ -71,6 +71,8 @@ pub struct Steady {
     pub relay_ack: Option<(Option<f64>, Option<f64>)>,
     /// The relay process's CPU seconds, start-up included.
     pub relay_cpu: Option<f64>,
+    /// The relay process's peak RSS, MiB.
+    pub relay_rss: Option<f64>,
     /// PostgreSQL CPU seconds during the run.
     pub pg_cpu: Option<f64>,
 }
@@ -109,8 +111,9 @@ impl Steady {
             Some(cpu) if self.events > 0 => format!("{:.1}", cpu * 1e6 / self.events as f64),
             _ => "-".to_owned(),
         };
+        let relay_rss = self.relay_rss.map_or_else(|| "-".to_owned(), |mib| format!("{mib:.1}"));
         format!(
-            "| {:?} | {} | {:.0} | {} | {:.0} | {latency} | {relay_ack} | {relay_cpu} | {per_second} | {per_event} |",
+            "| {:?} | {} | {:.0} | {} | {:.0} | {latency} | {relay_ack} | {relay_cpu} | {relay_rss} | {per_second} | {per_event} |",
             self.publisher,
             rate_label(self.rate),
             self.seconds,
@@ -120,8 +123,8 @@ impl Steady {
     }
 }
 
-pub const HEADER: &str = "| publisher | target events/s | seconds | events | events/s written | p50 ms | p99 ms | p99.9 ms | max ms | relay's commit-to-ack p50 ms | p99 ms | relay CPU us/event | PostgreSQL CPU ms per s | PostgreSQL CPU us/event (writer included) |
-| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |";
+pub const HEADER: &str = "| publisher | target events/s | seconds | events | events/s written | p50 ms | p99 ms | p99.9 ms | max ms | relay's commit-to-ack p50 ms | p99 ms | relay CPU us/event | relay peak RSS MiB | PostgreSQL CPU ms per s | PostgreSQL CPU us/event (writer included) |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |";
 
 fn now_micros() -> u64 {
     u64::try_from(outbox_relay::monitor::now_micros()).unwrap_or(0)
@@ -326,6 +329,10 @@ pub async fn measure(
         .as_ref()
         .filter(|_| publisher == Publisher::Relay)
         .map(|r| probe::cpu_seconds(r.id()));
+    let relay_rss = reader
+        .as_ref()
+        .filter(|_| publisher == Publisher::Relay)
+        .map(|r| probe::peak_rss_mib(r.id()));
     if let Some(mut reader) = reader {
         devrig::kill(reader.id(), 15);
         let _ = reader.wait();
@@ -344,6 +351,7 @@ pub async fn measure(
         latency,
         relay_ack,
         relay_cpu,
+        relay_rss,
         pg_cpu,
     };
     println!("{}", result.markdown());
