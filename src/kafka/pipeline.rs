@@ -12,10 +12,9 @@ use std::task::{Context, Poll};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::DeliveryFuture;
 
 use super::errors::{classify, ErrorClass};
-use super::producer::Producer;
+use super::producer::{Delivery, Producer};
 use crate::outbox::OutboxEvent;
 
 /// A record could not even be handed to librdkafka.
@@ -99,7 +98,7 @@ impl<T: Unpin> Pipeline<T> {
 /// A delivery future that remembers whose record it is.
 struct Tagged<T> {
     tag: Option<T>,
-    delivery: DeliveryFuture,
+    delivery: Delivery,
 }
 
 impl<T: Unpin> Future for Tagged<T> {
@@ -112,7 +111,7 @@ impl<T: Unpin> Future for Tagged<T> {
             Poll::Ready(outcome) => outcome,
         };
         let result = match outcome {
-            Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
+            Ok(Ok(written)) => Ok(written),
             Ok(Err((error, record))) => Err(Failure {
                 class: classify(&error),
                 error,

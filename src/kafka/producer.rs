@@ -10,12 +10,22 @@
 //!   `partitioner=murmur2_random` is set too, for any record sent without one.
 //!
 //! Users may set any other librdkafka property; the ones above cannot be weakened.
+//!
+//! Delivery reports are served by a thread of our own ([`PollThread`]) rather than by
+//! rdkafka's `FutureProducer`, whose thread polls in 100 ms slices and spins through the
+//! last millisecond of each (its deadline rounds the remaining time down to a 0 ms
+//! timeout): 98% of an idle relay's CPU, ~9 ms a second. Polling in one-second slices
+//! leaves a tenth of that (docs/performance.md).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::message::{Header, Message as _, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
 
 use crate::kafka::client_log::LogContext;
 use crate::outbox::OutboxEvent;
@@ -65,9 +75,62 @@ const DEFAULTS: [(&str, &str); 5] = [
     ("client.id", "outbox-relay"),
 ];
 
+/// Where librdkafka put a record (partition, offset), or why it did not, with the record.
+pub type Delivered = Result<(i32, i64), (KafkaError, OwnedMessage)>;
+
+/// Resolves when the broker acknowledged the record or it failed for good; an error
+/// (the sender dropped) means the producer went away with the record.
+pub type Delivery = tokio::sync::oneshot::Receiver<Delivered>;
+
+impl ProducerContext for LogContext {
+    type DeliveryOpaque = Box<tokio::sync::oneshot::Sender<Delivered>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, reply: Self::DeliveryOpaque) {
+        let delivered = match result {
+            Ok(message) => Ok((message.partition(), message.offset())),
+            Err((error, message)) => Err((error.clone(), message.detach())),
+        };
+        // Nobody waits any more when the relay has given up on the record (shutdown).
+        let _ = reply.send(delivered);
+    }
+}
+
 #[derive(Clone)]
 pub struct Producer {
-    inner: FutureProducer<LogContext>,
+    inner: Arc<BaseProducer<LogContext>>,
+    _poller: Arc<PollThread>,
+}
+
+/// Serves librdkafka's delivery reports and errors until the last [`Producer`] clone is
+/// dropped; it then ends within a poll slice, dropping librdkafka's handle last.
+struct PollThread {
+    stop: Arc<AtomicBool>,
+}
+
+/// One poll slice: how late the thread notices it should stop, and how often it spins
+/// through a millisecond (see the module doc).
+const POLL_SLICE: Duration = Duration::from_secs(1);
+
+impl PollThread {
+    fn start(producer: Arc<BaseProducer<LogContext>>) -> Result<Self, ProducerConfigError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("kafka-delivery".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Acquire) {
+                    producer.poll(POLL_SLICE);
+                }
+            })
+            .map_err(|e| ProducerConfigError::Client(format!("cannot start the delivery thread: {e}")))?;
+        Ok(PollThread { stop })
+    }
+}
+
+impl Drop for PollThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
 }
 
 impl Producer {
@@ -94,20 +157,22 @@ impl Producer {
         }
         config.set("enable.idempotence", "true");
         config.set("acks", "all");
-        let inner = config
+        let inner: BaseProducer<LogContext> = config
             .create_with_context(LogContext::default())
             .map_err(|e: KafkaError| ProducerConfigError::Client(e.to_string()))?;
-        Ok(Producer { inner })
+        let inner = Arc::new(inner);
+        let poller = Arc::new(PollThread::start(Arc::clone(&inner))?);
+        Ok(Producer { inner, _poller: poller })
     }
 
     /// The librdkafka client, for metadata.
-    pub fn inner(&self) -> &FutureProducer<LogContext> {
+    pub fn inner(&self) -> &BaseProducer<LogContext> {
         &self.inner
     }
 
     /// Hands one record for `partition` to librdkafka. Returns at once; the future
     /// resolves when the broker acknowledged the record or it failed for good.
-    pub fn send(&self, event: &OutboxEvent, partition: i32) -> Result<DeliveryFuture, KafkaError> {
+    pub fn send(&self, event: &OutboxEvent, partition: i32) -> Result<Delivery, KafkaError> {
         self.send_parts(
             &event.topic,
             partition,
@@ -124,7 +189,7 @@ impl Producer {
         key: &[u8],
         payload: Option<&[u8]>,
         headers: &[(crate::outbox::HeaderName, Option<Bytes>)],
-    ) -> Result<DeliveryFuture, KafkaError> {
+    ) -> Result<Delivery, KafkaError> {
         let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len());
         for (name, value) in headers {
             kafka_headers = kafka_headers.insert(Header {
@@ -132,14 +197,16 @@ impl Producer {
                 value: value.as_deref(),
             });
         }
-        let mut record = FutureRecord::to(topic)
+        let (reply, delivery) = tokio::sync::oneshot::channel();
+        let mut record = BaseRecord::with_opaque_to(topic, Box::new(reply))
             .partition(partition)
             .key(key)
             .headers(kafka_headers);
         if let Some(payload) = payload {
             record = record.payload(payload);
         }
-        self.inner.send_result(record).map_err(|(error, _record)| error)
+        self.inner.send(record).map_err(|(error, _record)| error)?;
+        Ok(delivery)
     }
 
     /// Waits (bounded) for librdkafka to deliver what it holds.
