@@ -62,7 +62,7 @@ impl RelaySettings {
         crate::outbox::validate_topic_name(&args.dead_letter_topic)
             .map_err(|e| RelayError::Config(format!("--dead-letter-topic: {e}")))?;
         Ok(RelaySettings {
-            database: Database::parse(&args.postgres.database_url)?,
+            database: args.postgres.database()?,
             slot: args.postgres.slot.clone(),
             publication: args.postgres.publication.clone(),
             producer: ProducerSettings {
@@ -260,8 +260,16 @@ impl Relay {
             if shutdown.is_triggered() {
                 return Ok(());
             }
-            let start = match self.resume_position().await {
-                Ok(start) => start,
+            let (start, server) = match self.resume_position().await {
+                Ok(found) => found,
+                // A rotated password may reach the server before its file: keep trying.
+                Err(SessionError::Stop(RelayError::Connect(error)))
+                    if streamed_once && error.is_authentication_failure() =>
+                {
+                    tracing::error!(%error, "PostgreSQL rejected the password; retrying (a rotated secret may not have reached the password source yet)");
+                    backoff.wait(&mut shutdown).await;
+                    continue;
+                }
                 Err(SessionError::Stop(error)) => return Err(error),
                 Err(SessionError::Restart(reason)) if !streamed_once => {
                     return Err(RelayError::Unreachable(format!(
@@ -276,6 +284,7 @@ impl Relay {
             };
             let connecting = ReplicationStream::start(
                 &self.settings.database,
+                server,
                 &self.settings.slot,
                 &self.settings.publication,
                 start,
@@ -303,6 +312,11 @@ impl Relay {
                     }
                     continue;
                 }
+                Err(error) if streamed_once && error.to_string().contains("SQLSTATE 28P01") => {
+                    tracing::error!(%error, "PostgreSQL rejected the password for replication; retrying");
+                    backoff.wait(&mut shutdown).await;
+                    continue;
+                }
                 Err(error) if error.is_transient() && !streamed_once => return Err(error.into()),
                 Err(error) if error.is_transient() => {
                     tracing::warn!(%error, "cannot start replication; retrying");
@@ -318,7 +332,8 @@ impl Relay {
             if let Some(since) = waiting_since.take() {
                 tracing::info!(waited_ms = since.elapsed().as_millis() as u64, "took over the slot");
             }
-            tracing::info!(slot = %self.settings.slot, publication = %self.settings.publication, start = %start, "streaming");
+            let host = self.settings.database.servers().get(server).map(ToString::to_string).unwrap_or_default();
+            tracing::info!(slot = %self.settings.slot, publication = %self.settings.publication, start = %start, server = %host, "streaming");
 
             let ended = self.pump(&mut stream, &mut shutdown).await;
             self.health.set_streaming(false);
@@ -357,17 +372,19 @@ impl Relay {
         }
     }
 
-    /// Checks the slot and publication, and returns where the next session starts: the
-    /// slot's confirmed position, or this process's own if it got further.
-    async fn resume_position(&mut self) -> Result<Lsn, SessionError> {
+    /// Checks the slot and publication, and returns where the next session starts (the
+    /// slot's confirmed position, or this process's own if it got further) and on which
+    /// server (the one the SQL connection settled on).
+    async fn resume_position(&mut self) -> Result<(Lsn, usize), SessionError> {
         let database = &self.settings.database;
-        let client = database.connect().await.map_err(|error| {
+        let connected = database.open().await.map_err(|error| {
             if error.definite {
                 SessionError::Stop(error.into())
             } else {
                 SessionError::Restart(error.to_string())
             }
         })?;
+        let (client, server) = (connected.client, connected.server);
         let sql_error = |e: tokio_postgres::Error| SessionError::Restart(database.connect_error(&e).to_string());
         let info = slot::inspect(&client, &self.settings.slot).await.map_err(sql_error)?;
         let info = slot::check(info, &self.settings.slot, database.dbname()).map_err(RelayError::from)?;
@@ -387,7 +404,7 @@ impl Relay {
         // Nothing is in flight between sessions, so progress can restart from here.
         self.progress = Some(Progress::new(start));
         self.confirmed.send_replace(start);
-        Ok(start)
+        Ok((start, server))
     }
 
     fn progress(&mut self) -> Result<&mut Progress, SessionError> {

@@ -16,6 +16,7 @@ use crate::app::RelaySettings;
 use crate::config::RunArgs;
 use crate::kafka::Producer;
 use crate::postgres::slot::{self, SlotProblem};
+use crate::postgres::stream::ReplicationStream;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -129,12 +130,12 @@ pub async fn check(args: &RunArgs) -> Report {
 
 async fn postgres_checks(settings: &RelaySettings, report: &mut Report) {
     let database = &settings.database;
-    let client = match database.connect().await {
-        Ok(client) => client,
+    let connected = match database.open().await {
+        Ok(connected) => connected,
         Err(error) => {
             report.items.push(Item::fail(
                 format!("PostgreSQL: {error}"),
-                "check --database-url (DATABASE_URL), that the server runs, and that pg_hba.conf admits this user",
+                connect_fix(&error.message),
             ));
             report
                 .items
@@ -142,17 +143,64 @@ async fn postgres_checks(settings: &RelaySettings, report: &mut Report) {
             return;
         }
     };
+    let (client, server) = (connected.client, connected.server);
+    let host = database.servers().get(server).map(ToString::to_string).unwrap_or_default();
     let items = match postgres_items(settings, &client).await {
         Ok(items) => items,
         Err(error) => vec![Item::fail(
             format!("PostgreSQL query failed: {}", database.connect_error(&error)),
-            "check that the server is PostgreSQL 15 or later and that the role may read the catalogs",
+            "check that the server is PostgreSQL 14 or later and that the role may read the catalogs",
         )],
     };
-    report
-        .items
-        .push(Item::pass(format!("PostgreSQL reachable at {}", database.display())));
+    let tls = sql_tls(&client).await;
+    report.items.push(Item::pass(format!(
+        "SQL connection to {host} ({tls}) as {}",
+        database.display()
+    )));
+    report.items.push(replication_connection(database, server, &host).await);
     report.items.extend(items);
+}
+
+/// The fix for a failed connection, from what failed.
+fn connect_fix(message: &str) -> &'static str {
+    if message.starts_with("TLS") || message.contains("certificate") {
+        "give sslrootcert the CA that signed the server's certificate and connect by the name in it (sslmode=verify-full), or choose a weaker sslmode knowingly"
+    } else if crate::postgres::connection::requires_tls(message) {
+        "add sslmode=require (better: sslmode=verify-full&sslrootcert=<CA file>) to --database-url"
+    } else {
+        "check --database-url (DATABASE_URL), the password source, that the server runs, and that pg_hba.conf admits this user"
+    }
+}
+
+/// `TLSv1.3` or `plain text`, as the server sees this session.
+async fn sql_tls(client: &Client) -> String {
+    let row = client
+        .query_opt(
+            "SELECT ssl, coalesce(version, '') FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await;
+    match row {
+        Ok(Some(row)) if row.get::<_, bool>(0) => row.get::<_, String>(1),
+        Ok(_) => "plain text".to_owned(),
+        Err(_) => "TLS unknown".to_owned(),
+    }
+}
+
+/// Opens a replication connection to the same server as `run` would, without streaming.
+async fn replication_connection(database: &crate::postgres::connection::Database, server: usize, host: &str) -> Item {
+    match ReplicationStream::probe(database, server).await {
+        Ok(probe) => Item::pass(format!(
+            "replication connection to {host} ({}): system {}, timeline {}",
+            probe.tls.as_deref().unwrap_or("plain text"),
+            probe.system_id,
+            probe.timeline
+        )),
+        Err(error) => Item::fail(
+            format!("replication connection to {host}: {error}"),
+            connect_fix(&error.to_string()),
+        ),
+    }
 }
 
 async fn postgres_items(settings: &RelaySettings, client: &Client) -> Result<Vec<Item>, tokio_postgres::Error> {

@@ -70,9 +70,17 @@ pub struct StatusArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct PostgresArgs {
-    /// PostgreSQL connection URL (or key=value string) of the database with the outbox table.
+    /// PostgreSQL connection URL (or key=value string) of the database with the outbox
+    /// table, as libpq reads it: several hosts (host1:5432,host2:5432), sslmode,
+    /// sslrootcert, sslcert, sslkey, channel_binding, target_session_attrs, ...; what it
+    /// leaves out comes from libpq's variables (PGHOST, PGSSLMODE, PGPASSWORD, ...).
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
+
+    /// File holding the database password (e.g. a mounted Kubernetes Secret), read again
+    /// at every connection attempt so a rotated password needs no restart.
+    #[arg(long, env = "DATABASE_PASSWORD_FILE", value_name = "FILE")]
+    pub database_password_file: Option<std::path::PathBuf>,
 
     /// Logical replication slot the relay streams from.
     #[arg(long, env = "OUTBOX_RELAY_SLOT", default_value = "outbox_relay", value_parser = parse_identifier)]
@@ -81,6 +89,17 @@ pub struct PostgresArgs {
     /// Publication that selects the outbox table's inserts.
     #[arg(long, env = "OUTBOX_RELAY_PUBLICATION", default_value = "outbox_pub", value_parser = parse_identifier)]
     pub publication: String,
+}
+
+impl PostgresArgs {
+    /// The connection target these settings name, with this process's libpq variables.
+    pub fn database(&self) -> Result<crate::postgres::connection::Database, crate::postgres::connection::UrlError> {
+        crate::postgres::connection::Database::new(
+            &self.database_url,
+            self.database_password_file.clone(),
+            &|key| std::env::var(key).ok(),
+        )
+    }
 }
 
 #[derive(Debug, Clone, Args)]

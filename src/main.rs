@@ -43,7 +43,7 @@ async fn execute(command: Command) -> Result<u8, RelayError> {
             Ok(0)
         }
         Command::Status(args) => {
-            let database = outbox_relay::postgres::connection::Database::parse(&args.postgres.database_url)?;
+            let database = args.postgres.database()?;
             let limits = outbox_relay::status::Limits {
                 max_lag_bytes: args.max_lag_bytes,
                 max_lag: args.max_lag,

@@ -5,7 +5,6 @@
 
 use crate::config::SetupArgs;
 use crate::error::RelayError;
-use crate::postgres::connection::Database;
 use crate::postgres::slot::{self, SlotProblem};
 
 /// The SQL files shipped in `sql/`, applied in this order by `--apply-sql`.
@@ -19,7 +18,7 @@ const SHIPPED_PUBLICATION: &str = "outbox_pub";
 
 /// Runs setup; returns one line per thing checked or done.
 pub async fn setup(args: &SetupArgs) -> Result<Vec<String>, RelayError> {
-    let database = Database::parse(&args.postgres.database_url)?;
+    let database = args.postgres.database()?;
     let client = database.connect().await?;
     let sql_error = |e: tokio_postgres::Error| RelayError::Connect(database.connect_error(&e));
     let mut report = Vec::new();

@@ -1,24 +1,27 @@
-//! One `DATABASE_URL`, two kinds of connection: an ordinary SQL connection (setup,
-//! slot inspection) and a replication connection (the walsender stream).
+//! One connection target, two kinds of connection: ordinary SQL connections (setup,
+//! check, status, slot inspection, monitor, cleanup) and the replication connection
+//! (the walsender stream). Both are built from the one parsed [`Target`], so they agree
+//! on hosts, TLS, credentials and timeouts by construction.
+//!
+//! With several hosts, a connection tries them in order and settles on the first that
+//! accepts it and matches `target_session_attrs`, as libpq does; the replication
+//! connection then goes to the host the SQL connection settled on ([`Connected::server`]),
+//! so the stream follows a failover the same way the SQL side does.
 
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use tokio_postgres::config::{Host, SslMode};
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::{Client, NoTls};
 
-/// The parsed `DATABASE_URL`.
+use super::target::{ChannelBinding, Host, Server, SessionAttrs, SslMode, Target};
+pub use super::target::UrlError;
+use super::tls;
+
+/// The parsed database settings.
 #[derive(Debug, Clone)]
 pub struct Database {
-    config: Config,
-    url_for_display: String,
-}
-
-/// The URL cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid database URL {url}: {reason}")]
-pub struct UrlError {
-    pub url: String,
-    pub reason: String,
+    target: Arc<Target>,
+    display: String,
 }
 
 /// Connecting or talking to PostgreSQL failed.
@@ -27,70 +30,233 @@ pub struct UrlError {
 pub struct ConnectError {
     pub target: String,
     pub message: String,
-    /// The server refused for a reason that waiting will not fix (authentication,
-    /// a missing database, no REPLICATION attribute).
+    /// Waiting will not fix it (authentication, TLS verification, a missing database,
+    /// a missing privilege, a setting the relay cannot honour).
     pub definite: bool,
 }
 
+impl ConnectError {
+    /// The server rejected the password (SQLSTATE 28P01). After the relay has streamed
+    /// once this is retried: the secret may be half-way through a rotation.
+    pub fn is_authentication_failure(&self) -> bool {
+        self.message.contains("(SQLSTATE 28P01)")
+    }
+}
+
+/// An SQL connection and the index (in [`Database::servers`]) of the server it reached.
+pub struct Connected {
+    pub client: Client,
+    pub server: usize,
+}
+
+/// Why one server was not used.
+struct Refusal {
+    server: String,
+    message: String,
+    definite: bool,
+}
+
 impl Database {
+    /// Reads `url`, with libpq's environment variables of this process.
     pub fn parse(url: &str) -> Result<Self, UrlError> {
-        let url_for_display = redact(url);
-        let error = |reason: String| UrlError {
-            url: url_for_display.clone(),
-            reason,
-        };
-        let mut config: Config = url.parse().map_err(|e: tokio_postgres::Error| error(e.to_string()))?;
-        if config.get_hosts().is_empty() {
-            return Err(error("no host given".into()));
-        }
-        if config.get_user().is_none() {
-            return Err(error("no user given".into()));
-        }
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(error(
-                "sslmode=require is not supported yet: connect over a trusted network or a local socket".into(),
-            ));
-        }
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(10));
-        }
-        config.application_name("outbox-relay");
+        Self::new(url, None, &|key| std::env::var(key).ok())
+    }
+
+    /// Reads `url` and the password file option, with `env` for libpq's variables.
+    pub fn new(
+        url: &str,
+        password_file: Option<PathBuf>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, UrlError> {
+        let target = Target::parse(url, password_file, env)?;
         Ok(Database {
-            config,
-            url_for_display,
+            display: target.display(),
+            target: Arc::new(target),
         })
     }
 
-    /// The URL without its password, for messages.
+    /// The settings, for callers that report them (check, status).
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    pub fn servers(&self) -> &[Server] {
+        &self.target.servers
+    }
+
+    /// The target as a URL without secrets, for messages.
     pub fn display(&self) -> &str {
-        &self.url_for_display
+        &self.display
     }
 
     pub fn dbname(&self) -> &str {
-        self.config
-            .get_dbname()
-            .unwrap_or_else(|| self.config.get_user().unwrap_or("postgres"))
+        &self.target.dbname
     }
 
-    /// An ordinary SQL connection. The connection task ends when the client is dropped.
+    /// An SQL connection to the first server that accepts it and matches
+    /// `target_session_attrs`. The connection task ends when the client is dropped.
     pub async fn connect(&self) -> Result<Client, ConnectError> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(|e| self.connect_error(&e))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "control connection closed");
+        Ok(self.open().await?.client)
+    }
+
+    /// As [`connect`](Self::connect), also saying which server answered.
+    pub async fn open(&self) -> Result<Connected, ConnectError> {
+        let wanted = self.target.session_attrs;
+        // prefer-standby: a standby if any answers, else any server (libpq's two passes).
+        let passes: &[SessionAttrs] = match wanted {
+            SessionAttrs::PreferStandby => &[SessionAttrs::Standby, SessionAttrs::Any],
+            _ => std::slice::from_ref(&self.target.session_attrs),
+        };
+        let mut refusals = Vec::new();
+        for &pass in passes {
+            for (index, server) in self.target.servers.iter().enumerate() {
+                let client = match self.connect_server(index).await {
+                    Ok(client) => client,
+                    Err(error) => {
+                        refusals.push(Refusal {
+                            server: server.to_string(),
+                            message: error.message,
+                            definite: error.definite,
+                        });
+                        continue;
+                    }
+                };
+                match session_fits(&client, pass).await {
+                    Ok(true) => return Ok(Connected { client, server: index }),
+                    Ok(false) => refusals.push(Refusal {
+                        server: server.to_string(),
+                        message: format!(
+                            "does not match target_session_attrs={} (a standby waiting for promotion, or a primary when a standby is wanted)",
+                            wanted.as_str()
+                        ),
+                        definite: false,
+                    }),
+                    Err(error) => refusals.push(Refusal {
+                        server: server.to_string(),
+                        message: self.connect_error(&error).message,
+                        definite: false,
+                    }),
+                }
             }
-        });
+        }
+        Err(self.no_server(refusals))
+    }
+
+    fn no_server(&self, refusals: Vec<Refusal>) -> ConnectError {
+        let definite = !refusals.is_empty() && refusals.iter().all(|r| r.definite);
+        let message = match refusals.as_slice() {
+            [only] if self.target.servers.len() == 1 => only.message.clone(),
+            _ => format!(
+                "no server could be used: {}",
+                refusals
+                    .iter()
+                    .map(|r| format!("{}: {}", r.server, r.message))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        };
+        ConnectError {
+            target: self.display.clone(),
+            message,
+            definite,
+        }
+    }
+
+    /// An SQL connection to one server, whatever its role (for reading a standby).
+    pub async fn connect_server(&self, index: usize) -> Result<Client, ConnectError> {
+        let server = self
+            .target
+            .servers
+            .get(index)
+            .ok_or_else(|| self.definite(format!("no server number {index}")))?;
+        let password = self.target.password(server).map_err(|e| self.definite(e.to_string()))?;
+        let modes = attempt_modes(self.target.tls.mode, server);
+        let mut last = None;
+        for (attempt, &mode) in modes.iter().enumerate() {
+            match self.connect_with(server, mode, password.as_ref()).await {
+                Ok(client) => return Ok(client),
+                // allow: plain text refused, try TLS.
+                Err(Attempt::Postgres(error)) if attempt + 1 < modes.len() && requires_tls(&error.to_string()) => {
+                    last = Some(self.connect_error(&error));
+                }
+                Err(Attempt::Postgres(error)) => return Err(self.connect_error(&error)),
+                Err(Attempt::Tls(error)) => return Err(self.definite(error.to_string())),
+            }
+        }
+        Err(last.unwrap_or_else(|| self.definite("no connection attempt was made".into())))
+    }
+
+    async fn connect_with(
+        &self,
+        server: &Server,
+        mode: SslMode,
+        password: Option<&super::secret::Secret>,
+    ) -> Result<Client, Attempt> {
+        let target = &self.target;
+        let mut config = tokio_postgres::Config::new();
+        config
+            .user(&target.user)
+            .dbname(&target.dbname)
+            .application_name(&target.application_name)
+            .port(server.port)
+            .channel_binding(match target.channel_binding {
+                ChannelBinding::Disable => tokio_postgres::config::ChannelBinding::Disable,
+                ChannelBinding::Prefer => tokio_postgres::config::ChannelBinding::Prefer,
+                ChannelBinding::Require => tokio_postgres::config::ChannelBinding::Require,
+            });
+        match &server.host {
+            Host::Tcp(name) => config.host(name),
+            Host::Unix(path) => config.host_path(path),
+        };
+        if let Some(password) = password {
+            config.password(password.expose());
+        }
+        if let Some(timeout) = target.connect_timeout {
+            config.connect_timeout(timeout);
+        }
+        if let Some(options) = &target.options {
+            config.options(options);
+        }
+        let ssl_mode = match mode {
+            _ if server.is_unix() => tokio_postgres::config::SslMode::Disable,
+            SslMode::Disable | SslMode::Allow => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
+        };
+        config.ssl_mode(ssl_mode);
+        if ssl_mode == tokio_postgres::config::SslMode::Disable {
+            let (client, connection) = config.connect(NoTls).await.map_err(Attempt::Postgres)?;
+            tokio::spawn(watch_connection(connection));
+            return Ok(client);
+        }
+        let tls_config = tls::client_config(&target.tls).map_err(Attempt::Tls)?;
+        let connector = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config);
+        let (client, connection) = config.connect(connector).await.map_err(Attempt::Postgres)?;
+        tokio::spawn(watch_connection(connection));
         Ok(client)
     }
 
+    fn definite(&self, message: String) -> ConnectError {
+        ConnectError {
+            target: self.display.clone(),
+            message,
+            definite: true,
+        }
+    }
+
+    /// Says what went wrong, with a hint where PostgreSQL's reason has a known fix.
     pub fn connect_error(&self, error: &tokio_postgres::Error) -> ConnectError {
-        let definite = error.as_db_error().is_some_and(|db| {
-            let code = db.code().code();
-            // 28xxx: authentication; 3D000: no such database; 42501: privilege.
-            code.starts_with("28") || code == "3D000" || code == "42501"
-        });
-        let message = match error.as_db_error() {
-            Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        let (message, definite) = match error.as_db_error() {
+            Some(db) => {
+                let code = db.code().code();
+                // 28xxx: authentication; 3D000: no such database; 42501: privilege.
+                let definite = code.starts_with("28") || code == "3D000" || code == "42501";
+                let mut message = format!("{} (SQLSTATE {code})", db.message());
+                if requires_tls(db.message()) {
+                    message.push_str(&format!("; {REQUIRES_TLS_HINT}"));
+                }
+                (message, definite)
+            }
             None => {
                 let mut text = error.to_string();
                 let mut source = std::error::Error::source(error);
@@ -99,65 +265,124 @@ impl Database {
                     text.push_str(&cause.to_string());
                     source = cause.source();
                 }
-                text
+                match tls::explain_certificate_failure(&text) {
+                    Some(explained) => (format!("TLS: {explained}"), true),
+                    None => {
+                        let definite = text.contains("channel binding");
+                        (text, definite)
+                    }
+                }
             }
         };
         ConnectError {
-            target: self.url_for_display.clone(),
+            target: self.display.clone(),
             message,
             definite,
         }
     }
 
-    /// Settings for the replication connection to `slot`, streaming `publication`.
-    pub fn replication_config(&self, slot: &str, publication: &str) -> pgwire_replication::ReplicationConfig {
-        let host = match self.config.get_hosts().first() {
-            Some(Host::Tcp(name)) => name.clone(),
-            Some(Host::Unix(path)) => path.to_string_lossy().into_owned(),
-            None => "localhost".to_owned(),
-        };
-        let port = self.config.get_ports().first().copied().unwrap_or(5432);
-        let password = self
-            .config
-            .get_password()
-            .map(|bytes| String::from_utf8_lossy(bytes).into_owned())
-            .unwrap_or_default();
-        let tls = pgwire_replication::TlsConfig::disabled();
-        pgwire_replication::ReplicationConfig::new(
-            host,
-            self.config.get_user().unwrap_or("postgres"),
-            password,
-            self.dbname(),
-            slot,
-            publication,
-        )
-        .with_port(port)
-        .with_tls(tls)
-        .with_application_name("outbox-relay")
+    /// Settings for replication connections to server `index`, streaming `publication`
+    /// from `slot`, one per attempt (`sslmode=allow` tries plain text, then TLS). The
+    /// password is read now.
+    pub fn replication_attempts(
+        &self,
+        index: usize,
+        slot: &str,
+        publication: &str,
+    ) -> Result<Vec<pgwire_replication::ReplicationConfig>, ConnectError> {
+        let target = &self.target;
+        let server = target
+            .servers
+            .get(index)
+            .ok_or_else(|| self.definite(format!("no server number {index}")))?;
+        if target.channel_binding == ChannelBinding::Require {
+            return Err(self.definite(CHANNEL_BINDING_UNSUPPORTED.into()));
+        }
+        let password = target.password(server).map_err(|e| self.definite(e.to_string()))?;
+        attempt_modes(target.tls.mode, server)
+            .into_iter()
+            .map(|mode| {
+                let tls = tls::replication_tls(&target.tls, mode, server).map_err(|e| self.definite(e.to_string()))?;
+                let mut config = pgwire_replication::ReplicationConfig::new(
+                    server.host_name(),
+                    &target.user,
+                    password.as_ref().map(|p| p.expose().to_owned()).unwrap_or_default(),
+                    &target.dbname,
+                    slot,
+                    publication,
+                )
+                .with_port(server.port)
+                .with_tls(tls)
+                .with_application_name(&target.application_name);
+                if let Some(options) = &target.options {
+                    config = config.with_options(options);
+                }
+                Ok(config)
+            })
+            .collect()
+    }
+
+    /// How long one replication connection attempt may take to reach streaming.
+    pub fn connect_timeout(&self) -> Option<std::time::Duration> {
+        self.target.connect_timeout
     }
 }
 
-/// Replaces the password in a URL or key=value string with `***`.
-fn redact(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        if let Some(at) = rest.find('@') {
-            if let Some(colon) = rest[..at].find(':') {
-                return format!("{}{}:***{}", &url[..scheme_end + 3], &rest[..colon], &rest[at..]);
-            }
-        }
-        return url.to_owned();
+/// Why a replication connection cannot honour `channel_binding=require`.
+pub const CHANNEL_BINDING_UNSUPPORTED: &str = "channel_binding=require cannot be honoured on the replication connection: its client (pgwire-replication 0.5) authenticates with SCRAM-SHA-256 without channel binding, and the relay will not connect unbound when binding is required. Use channel_binding=prefer with sslmode=verify-full, which authenticates the server by its certificate (docs/adr/0007-one-tls-stack.md)";
+
+/// The hint for a server that refuses plain text.
+pub const REQUIRES_TLS_HINT: &str = "the server accepts only TLS connections: set sslmode=require, or better sslmode=verify-full with sslrootcert=<the server's CA>";
+
+/// PostgreSQL's reason when pg_hba.conf admits this connection only over TLS
+/// (`hostnossl ... reject`, or only `hostssl` lines): "... no encryption" since
+/// PostgreSQL 14, "... SSL off" before.
+pub fn requires_tls(reason: &str) -> bool {
+    reason.contains("no pg_hba.conf entry") && (reason.contains("no encryption") || reason.contains("SSL off"))
+        || reason.contains("pg_hba.conf rejects connection") && (reason.contains("no encryption") || reason.contains("SSL off"))
+}
+
+/// The TLS modes to try in order: `allow` tries plain text first, then TLS.
+fn attempt_modes(mode: SslMode, server: &Server) -> Vec<SslMode> {
+    match mode {
+        SslMode::Allow if !server.is_unix() => vec![SslMode::Disable, SslMode::Require],
+        mode => vec![mode],
     }
-    url.split_whitespace()
-        .map(|pair| {
-            if pair.starts_with("password=") {
-                "password=***"
-            } else {
-                pair
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+}
+
+enum Attempt {
+    Postgres(tokio_postgres::Error),
+    Tls(tls::TlsError),
+}
+
+async fn watch_connection<F>(connection: F)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+{
+    if let Err(error) = connection.await {
+        tracing::debug!(%error, "control connection closed");
+    }
+}
+
+/// Whether the session matches `wanted`, asked as libpq asks.
+async fn session_fits(client: &Client, wanted: SessionAttrs) -> Result<bool, tokio_postgres::Error> {
+    if wanted == SessionAttrs::Any {
+        return Ok(true);
+    }
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'",
+            &[],
+        )
+        .await?;
+    let (in_recovery, read_only): (bool, bool) = (row.get(0), row.get(1));
+    Ok(match wanted {
+        SessionAttrs::Any => true,
+        SessionAttrs::ReadWrite => !read_only,
+        SessionAttrs::ReadOnly => read_only,
+        SessionAttrs::Primary => !in_recovery,
+        SessionAttrs::Standby | SessionAttrs::PreferStandby => in_recovery,
+    })
 }
 
 /// An ordinary connection for periodic side work (monitor, cleanup): connected on demand,
@@ -184,7 +409,13 @@ impl SideConnection {
     /// The connection, made now if there is none; `None` while PostgreSQL is unreachable.
     pub async fn client(&mut self) -> Option<&Client> {
         if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.client = self.database.connect().await.ok();
+            match self.database.connect().await {
+                Ok(client) => self.client = Some(client),
+                Err(error) => {
+                    self.warn(&error);
+                    self.client = None;
+                }
+            }
         }
         self.client.as_ref()
     }
@@ -195,11 +426,16 @@ impl SideConnection {
 
     /// Logs the first failure after a success and drops the connection.
     pub fn failed(&mut self, error: &tokio_postgres::Error) {
+        let error = self.database.connect_error(error);
+        self.warn(&error);
+        self.client = None;
+    }
+
+    fn warn(&mut self, error: &ConnectError) {
         if !self.warned {
-            tracing::warn!(error = %self.database.connect_error(error), "{}: PostgreSQL did not answer; retrying", self.what);
+            tracing::warn!(%error, "{}: PostgreSQL did not answer; retrying", self.what);
             self.warned = true;
         }
-        self.client = None;
     }
 }
 
@@ -207,33 +443,57 @@ impl SideConnection {
 mod tests {
     use super::*;
 
-    #[test]
-    fn passwords_never_reach_messages() {
-        assert_eq!(
-            redact("postgres://relay:s3cret@db:5432/app"),
-            "postgres://relay:***@db:5432/app"
-        );
-        assert_eq!(
-            redact("host=db user=relay password=s3cret"),
-            "host=db user=relay password=***"
-        );
-        assert_eq!(redact("postgres://relay@db/app"), "postgres://relay@db/app");
+    fn database(url: &str) -> Database {
+        Database::new(url, None, &|_| None).unwrap_or_else(|e| panic!("{e}"))
     }
 
     #[test]
-    fn bad_urls_are_explained() {
-        let error = Database::parse("postgres://relay:pw@db:notaport/app").err();
-        assert!(error.is_some_and(|e| e.to_string().contains("relay:***@db")));
-        assert!(Database::parse("not a url at all").is_err());
-        assert!(Database::parse("postgres://relay@db/app?sslmode=require").is_err());
+    fn replication_settings_follow_the_target() {
+        let database = database("postgres://relay:pw@127.0.0.1:6543,db2/app?sslmode=disable&application_name=mine");
+        let attempts = database
+            .replication_attempts(0, "slot_a", "pub_a")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(attempts[0].port, 6543);
+        assert_eq!(attempts[0].database, "app");
+        assert_eq!(attempts[0].slot, "slot_a");
+        assert_eq!(attempts[0].password, "pw");
+        assert_eq!(attempts[0].application_name.as_deref(), Some("mine"));
+        let second = database.replication_attempts(1, "s", "p").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((second[0].host.as_str(), second[0].port), ("db2", 5432));
     }
 
     #[test]
-    fn replication_settings_follow_the_url() {
-        let database = Database::parse("postgres://relay:pw@127.0.0.1:6543/app").unwrap_or_else(|e| panic!("{e}"));
-        let config = database.replication_config("slot_a", "pub_a");
-        assert_eq!(config.port, 6543);
-        assert_eq!(config.database, "app");
-        assert_eq!(config.slot, "slot_a");
+    fn allow_tries_plain_text_then_tls() {
+        let database = database("postgres://relay:pw@db/app?sslmode=allow");
+        let attempts = database.replication_attempts(0, "s", "p").unwrap_or_else(|e| panic!("{e}"));
+        let modes: Vec<_> = attempts.iter().map(|a| a.tls.mode).collect();
+        assert_eq!(modes, [pgwire_replication::SslMode::Disable, pgwire_replication::SslMode::Require]);
+        let socket = super::super::target::Server {
+            host: Host::Unix("/tmp".into()),
+            port: 5432,
+        };
+        assert_eq!(attempt_modes(SslMode::Allow, &socket), [SslMode::Allow]);
+    }
+
+    #[test]
+    fn channel_binding_required_is_refused_for_replication_with_a_reason() {
+        let database = database("postgres://relay:pw@db/app?channel_binding=require&sslmode=require");
+        let error = database.replication_attempts(0, "s", "p").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(error.contains("channel_binding=require cannot be honoured"), "{error}");
+        assert!(!error.contains("pw@"), "{error}");
+    }
+
+    #[test]
+    fn a_server_that_refuses_plain_text_is_recognised() {
+        assert!(requires_tls(
+            "pg_hba.conf rejects connection for host \"127.0.0.1\", user \"u\", database \"d\", no encryption"
+        ));
+        assert!(requires_tls(
+            "no pg_hba.conf entry for host \"127.0.0.1\", user \"u\", database \"d\", no encryption"
+        ));
+        assert!(!requires_tls(
+            "no pg_hba.conf entry for host \"127.0.0.1\", user \"u\", database \"d\", SSL encryption"
+        ));
     }
 }

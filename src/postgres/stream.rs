@@ -15,12 +15,26 @@ use std::time::Duration;
 use pgwire_replication::{FeedbackObserver, PgWireError, ReplicationClient, ReplicationEvent};
 use tokio::sync::Notify;
 
-use super::connection::Database;
+use super::connection::{requires_tls, Database, REQUIRES_TLS_HINT};
+use super::tls::explain_certificate_failure;
 use super::pgoutput::{self, Begin, Commit, DecodeError, LogicalMessage, Message};
 use crate::lsn::Lsn;
 
 /// How often a changed confirmed LSN is reported, and the longest silence while idle.
 pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Added to `connect_timeout` for the whole start of a replication session (connect,
+/// TLS, authentication, START_REPLICATION).
+const CONNECT_GRACE: Duration = Duration::from_secs(20);
+
+/// What a replication connection says of its server (see [`ReplicationStream::probe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub system_id: String,
+    pub timeline: u32,
+    /// The TLS version, `None` for plain text.
+    pub tls: Option<String>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEvent {
@@ -58,6 +72,12 @@ impl StreamError {
             .nth(1)
             .map(|rest| rest.chars().take(5).collect::<String>())
             .unwrap_or_default();
+        if let Some(explained) = explain_certificate_failure(&text) {
+            return StreamError::Definite(format!("TLS: {explained}"));
+        }
+        if requires_tls(&text) {
+            return StreamError::Definite(format!("{text}; {REQUIRES_TLS_HINT}"));
+        }
         match error {
             PgWireError::Io(_) | PgWireError::Task(_) => StreamError::Transient(text),
             PgWireError::Server(_) if sqlstate == "55006" => StreamError::SlotInUse {
@@ -84,10 +104,17 @@ pub struct ReplicationStream {
 }
 
 impl ReplicationStream {
-    /// Starts streaming `slot` from `start`, which must not be after the slot's confirmed
-    /// position plus what this process has itself confirmed. Returns once the server has
-    /// accepted `START_REPLICATION` and the slot is held by this session.
-    pub async fn start(database: &Database, slot: &str, publication: &str, start: Lsn) -> Result<Self, StreamError> {
+    /// Starts streaming `slot` from `start` on server `server` of `database` (the one
+    /// the session's SQL connection settled on). `start` must not be after the slot's
+    /// confirmed position plus what this process has itself confirmed. Returns once the
+    /// server has accepted `START_REPLICATION` and the slot is held by this session.
+    pub async fn start(
+        database: &Database,
+        server: usize,
+        slot: &str,
+        publication: &str,
+        start: Lsn,
+    ) -> Result<Self, StreamError> {
         let feedback_sent = Arc::new(AtomicU64::new(0));
         let feedback_notify = Arc::new(Notify::new());
         let observer = {
@@ -98,22 +125,106 @@ impl ReplicationStream {
                 notify.notify_waiters();
             })
         };
-        let config = database
-            .replication_config(slot, publication)
-            .with_start_lsn(start.into())
-            .with_ack_lsn(start.into())
-            .with_status_interval(STATUS_INTERVAL)
-            .with_wakeup_interval(STATUS_INTERVAL)
-            .with_feedback_observer(observer);
+        let attempts = database
+            .replication_attempts(server, slot, publication)
+            .map_err(|e| StreamError::Definite(e.message))?;
+        let count = attempts.len();
+        let mut last = None;
+        for (n, config) in attempts.into_iter().enumerate() {
+            let config = config
+                .with_start_lsn(start.into())
+                .with_ack_lsn(start.into())
+                .with_status_interval(STATUS_INTERVAL)
+                .with_wakeup_interval(STATUS_INTERVAL)
+                .with_feedback_observer(observer.clone());
+            match Self::connect(config, database.connect_timeout(), slot).await {
+                Ok(client) => {
+                    return Ok(ReplicationStream {
+                        client,
+                        slot: slot.to_owned(),
+                        feedback_sent,
+                        feedback_notify,
+                    })
+                }
+                // sslmode=allow: plain text refused, try TLS.
+                Err(error) if n + 1 < count && requires_tls(&error.to_string()) => last = Some(error),
+                Err(error) => return Err(error),
+            }
+        }
+        Err(last.unwrap_or_else(|| StreamError::Definite("no replication connection was attempted".into())))
+    }
+
+    async fn connect(
+        config: pgwire_replication::ReplicationConfig,
+        timeout: Option<Duration>,
+        slot: &str,
+    ) -> Result<ReplicationClient, StreamError> {
         let error = |e| StreamError::from_pgwire(e, slot);
-        let mut client = ReplicationClient::connect(config).await.map_err(error)?;
-        client.wait_started().await.map_err(error)?;
-        Ok(ReplicationStream {
-            client,
-            slot: slot.to_owned(),
-            feedback_sent,
-            feedback_notify,
-        })
+        let connecting = async {
+            let mut client = ReplicationClient::connect(config).await.map_err(error)?;
+            client.wait_started().await.map_err(error)?;
+            Ok(client)
+        };
+        // Connecting, TLS, authentication and START_REPLICATION together; the slot's
+        // decoding context is ready at once for an existing slot.
+        match timeout {
+            Some(limit) => tokio::time::timeout(limit + CONNECT_GRACE, connecting)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StreamError::Transient(format!(
+                        "no answer within {:?} while connecting for replication",
+                        limit + CONNECT_GRACE
+                    )))
+                }),
+            None => connecting.await,
+        }
+    }
+
+    /// Opens a replication connection to server `server` without starting replication,
+    /// as `run` would connect, and reports what the server says of itself. `check` uses
+    /// it to prove the replication connection works (TLS, authentication, REPLICATION).
+    pub async fn probe(database: &Database, server: usize) -> Result<Probe, StreamError> {
+        let attempts = database
+            .replication_attempts(server, "outbox_relay_probe", "outbox_relay_probe")
+            .map_err(|e| StreamError::Definite(e.message))?;
+        let count = attempts.len();
+        let mut last = None;
+        for (n, config) in attempts.into_iter().enumerate() {
+            let error = |e| StreamError::from_pgwire(e, "");
+            let probing = async {
+                let mut client = ReplicationClient::connect_gated(config).await.map_err(error)?;
+                let system = client.identify_system().await.map_err(error)?;
+                let rows = client
+                    .simple_query("SELECT ssl::text, coalesce(version, '') FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                    .await
+                    .map_err(error)?;
+                let text = |row: &pgwire_replication::QueryRow, i: usize| {
+                    row.get(i)
+                        .and_then(Option::as_ref)
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .unwrap_or_default()
+                };
+                let tls = rows
+                    .first()
+                    .filter(|row| text(row, 0) == "true")
+                    .map(|row| text(row, 1));
+                Ok(Probe {
+                    system_id: system.system_id,
+                    timeline: system.timeline,
+                    tls,
+                })
+            };
+            let limit = database.connect_timeout().map_or(Duration::from_secs(60), |t| t + CONNECT_GRACE);
+            let result = tokio::time::timeout(limit, probing)
+                .await
+                .unwrap_or_else(|_| Err(StreamError::Transient(format!("no answer within {limit:?}"))));
+            match result {
+                Ok(probe) => return Ok(probe),
+                Err(error) if n + 1 < count && requires_tls(&error.to_string()) => last = Some(error),
+                Err(error) => return Err(error),
+            }
+        }
+        Err(last.unwrap_or_else(|| StreamError::Definite("no replication connection was attempted".into())))
     }
 
     /// The next event; `Ok(None)` when the server ended the stream.

@@ -1,4 +1,5 @@
 mod check;
+mod credentials;
 mod cleanup;
 mod delivery;
 mod documentation;
@@ -7,3 +8,4 @@ mod guarantees;
 mod large_transaction;
 mod operations;
 mod startup_errors;
+mod tls;

@@ -127,6 +127,15 @@ impl TestDb {
         db
     }
 
+    /// As [`new`](Self::new), on a server the tests reach at `client_admin_url` and the
+    /// relay at `relay_admin_url` (e.g. a Unix socket for the tests, TLS for the relay).
+    pub async fn split(client_admin_url: &str, relay_admin_url: &str, test: &str) -> TestDb {
+        let mut db = Self::create(client_admin_url, &services().bootstrap_servers, test).await;
+        db.url = with_database(relay_admin_url, &db.name);
+        db.setup();
+        db
+    }
+
     /// Runs `outbox-relay setup --apply-sql`.
     pub fn setup(&self) {
         let db = self;

@@ -14,7 +14,12 @@ pub fn binary() -> &'static str {
 pub fn command() -> Command {
     let mut command = Command::new(binary());
     for (key, _) in std::env::vars() {
-        if key.starts_with("OUTBOX_RELAY_") || key == "DATABASE_URL" || key == "KAFKA_BOOTSTRAP_SERVERS" {
+        if key.starts_with("OUTBOX_RELAY_")
+            || key.starts_with("PG")
+            || key == "DATABASE_URL"
+            || key == "DATABASE_PASSWORD_FILE"
+            || key == "KAFKA_BOOTSTRAP_SERVERS"
+        {
             command.env_remove(key);
         }
     }

@@ -142,6 +142,15 @@ impl Postgres {
 
     /// As [`start`](Self::start), with extra `name=value` server settings.
     pub fn start_with(settings: &[&str]) -> io::Result<Postgres> {
+        Self::start_configured(&Options {
+            settings,
+            ..Options::default()
+        })
+    }
+
+    /// As [`start`](Self::start), configured by `options`.
+    pub fn start_configured(options: &Options<'_>) -> io::Result<Postgres> {
+        let settings = options.settings;
         let bindir = pg_bindir()?;
         let dir = scratch_dir("pg")?;
         let owner = postgres_owner()?;
@@ -184,6 +193,25 @@ impl Postgres {
         for setting in settings {
             extra.push_str(setting);
             extra.push('\n');
+        }
+        if let Some(tls) = options.tls {
+            for (name, contents) in [
+                ("server.crt", tls.server_cert.as_str()),
+                ("server.key", tls.server_key.as_str()),
+                ("root.crt", tls.ca_cert.as_str()),
+            ] {
+                let path = data.join(name);
+                std::fs::write(&path, contents)?;
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+                }
+            }
+            extra.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'root.crt'\n");
+        }
+        if let Some(hba) = options.hba {
+            std::fs::write(data.join("pg_hba.conf"), hba)?;
         }
         std::fs::write(data.join("postgresql.auto.conf"), extra)?;
         register(Cleanup::Directory(dir.clone()));
@@ -264,6 +292,13 @@ impl Postgres {
         )
     }
 
+    /// A connection URL for `database` as the superuser over the Unix socket (trusted
+    /// locally, also on a server that refuses TCP connections without TLS).
+    pub fn socket_url(&self, database: &str) -> String {
+        let dir = self.dir.display().to_string().replace('/', "%2F");
+        format!("postgres://postgres@{dir}:{}/{database}", self.port)
+    }
+
     /// The postmaster's process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -301,6 +336,99 @@ impl Drop for Postgres {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         unregister_dir(&self.dir);
+    }
+}
+
+/// How to start a [`Postgres`].
+#[derive(Default)]
+pub struct Options<'a> {
+    /// Extra `name=value` server settings (later lines win).
+    pub settings: &'a [&'a str],
+    /// The whole pg_hba.conf, instead of initdb's.
+    pub hba: Option<&'a str>,
+    /// Serve TLS with these files (and verify client certificates against its CA).
+    pub tls: Option<&'a Certificates>,
+}
+
+/// A test certificate authority and what it signed: a server certificate for
+/// `localhost` (not for 127.0.0.1, so that verify-full by address fails on the name), a
+/// client certificate, an expired server certificate, and a second, unrelated CA.
+pub struct Certificates {
+    pub ca_cert: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub expired_server_cert: String,
+    pub expired_server_key: String,
+    pub client_cert: String,
+    pub client_key: String,
+    pub other_ca_cert: String,
+}
+
+impl Certificates {
+    /// Generates everything; the client certificate's common name is `client_user`.
+    pub fn generate(client_user: &str) -> io::Result<Certificates> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let failed = |e: rcgen::Error| io::Error::other(format!("cannot generate a test certificate: {e}"));
+        let ca = |name: &str| -> io::Result<(String, Issuer<'static, KeyPair>)> {
+            let key = KeyPair::generate().map_err(failed)?;
+            let mut params = CertificateParams::new(Vec::<String>::new()).map_err(failed)?;
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            let cert = params.self_signed(&key).map_err(failed)?;
+            Ok((cert.pem(), Issuer::new(params, key)))
+        };
+        let (ca_cert, issuer) = ca("outbox-relay test CA")?;
+        let (other_ca_cert, _) = ca("some other CA")?;
+        let leaf = |names: Vec<String>, common_name: &str, expired: bool| -> io::Result<(String, String)> {
+            let key = KeyPair::generate().map_err(failed)?;
+            let mut params = CertificateParams::new(names).map_err(failed)?;
+            params.distinguished_name.push(DnType::CommonName, common_name);
+            if expired {
+                params.not_before = rcgen::date_time_ymd(2001, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2002, 1, 1);
+            }
+            let cert = params.signed_by(&key, &issuer).map_err(failed)?;
+            Ok((cert.pem(), key.serialize_pem()))
+        };
+        let (server_cert, server_key) = leaf(vec!["localhost".into()], "localhost", false)?;
+        let (expired_server_cert, expired_server_key) = leaf(vec!["localhost".into()], "localhost", true)?;
+        let (client_cert, client_key) = leaf(Vec::new(), client_user, false)?;
+        Ok(Certificates {
+            ca_cert,
+            server_cert,
+            server_key,
+            expired_server_cert,
+            expired_server_key,
+            client_cert,
+            client_key,
+            other_ca_cert,
+        })
+    }
+
+    /// The same certificates, serving the expired server certificate.
+    pub fn with_expired_server(&self) -> Certificates {
+        Certificates {
+            ca_cert: self.ca_cert.clone(),
+            server_cert: self.expired_server_cert.clone(),
+            server_key: self.expired_server_key.clone(),
+            expired_server_cert: self.expired_server_cert.clone(),
+            expired_server_key: self.expired_server_key.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+            other_ca_cert: self.other_ca_cert.clone(),
+        }
+    }
+
+    /// Writes the files a client needs (`ca.crt`, `other-ca.crt`, `client.crt`,
+    /// `client.key`, the key readable by its owner alone) into `dir`.
+    pub fn write_client_files(&self, dir: &Path) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("ca.crt"), &self.ca_cert)?;
+        std::fs::write(dir.join("other-ca.crt"), &self.other_ca_cert)?;
+        std::fs::write(dir.join("client.crt"), &self.client_cert)?;
+        std::fs::write(dir.join("client.key"), &self.client_key)?;
+        std::fs::set_permissions(dir.join("client.key"), std::fs::Permissions::from_mode(0o600))
     }
 }
 
