@@ -176,7 +176,9 @@ impl Database {
             match self.connect_with(server, mode, password.as_ref()).await {
                 Ok(client) => return Ok(client),
                 // allow: plain text refused, try TLS.
-                Err(Attempt::Postgres(error)) if attempt + 1 < modes.len() && requires_tls(&error.to_string()) => {
+                Err(Attempt::Postgres(error))
+                    if attempt + 1 < modes.len() && requires_tls(&self.connect_error(&error).message) =>
+                {
                     last = Some(self.connect_error(&error));
                 }
                 Err(Attempt::Postgres(error)) => return Err(self.connect_error(&error)),
@@ -338,8 +340,7 @@ pub const REQUIRES_TLS_HINT: &str = "the server accepts only TLS connections: se
 /// (`hostnossl ... reject`, or only `hostssl` lines): "... no encryption" since
 /// PostgreSQL 14, "... SSL off" before.
 pub fn requires_tls(reason: &str) -> bool {
-    reason.contains("no pg_hba.conf entry") && (reason.contains("no encryption") || reason.contains("SSL off"))
-        || reason.contains("pg_hba.conf rejects connection") && (reason.contains("no encryption") || reason.contains("SSL off"))
+    reason.contains("pg_hba.conf") && (reason.contains("no encryption") || reason.contains("SSL off"))
 }
 
 /// The TLS modes to try in order: `allow` tries plain text first, then TLS.
