@@ -332,7 +332,13 @@ impl Relay {
             if let Some(since) = waiting_since.take() {
                 tracing::info!(waited_ms = since.elapsed().as_millis() as u64, "took over the slot");
             }
-            let host = self.settings.database.servers().get(server).map(ToString::to_string).unwrap_or_default();
+            let host = self
+                .settings
+                .database
+                .servers()
+                .get(server)
+                .map(ToString::to_string)
+                .unwrap_or_default();
             tracing::info!(slot = %self.settings.slot, publication = %self.settings.publication, start = %start, server = %host, "streaming");
 
             let ended = self.pump(&mut stream, &mut shutdown).await;

@@ -94,11 +94,9 @@ pub struct PostgresArgs {
 impl PostgresArgs {
     /// The connection target these settings name, with this process's libpq variables.
     pub fn database(&self) -> Result<crate::postgres::connection::Database, crate::postgres::connection::UrlError> {
-        crate::postgres::connection::Database::new(
-            &self.database_url,
-            self.database_password_file.clone(),
-            &|key| std::env::var(key).ok(),
-        )
+        crate::postgres::connection::Database::new(&self.database_url, self.database_password_file.clone(), &|key| {
+            std::env::var(key).ok()
+        })
     }
 }
 

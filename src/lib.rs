@@ -4,6 +4,9 @@
 //!
 //! The path of an event, module by module:
 //!
+//! - [`postgres::target`]: the one connection target (hosts, TLS, credentials, timeouts)
+//!   from which [`postgres::connection`] builds every SQL connection and the replication
+//!   connection alike; [`postgres::tls`] puts both on rustls.
 //! - [`postgres::stream`]: the walsender stream of the slot (replication protocol).
 //! - [`postgres::pgoutput`]: decodes each `pgoutput` message.
 //! - [`outbox`]: turns an inserted outbox row into a Kafka record.

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use tokio_postgres::{Client, NoTls};
 
-use super::target::{ChannelBinding, Host, Server, SessionAttrs, SslMode, Target};
 pub use super::target::UrlError;
+use super::target::{ChannelBinding, Host, Server, SessionAttrs, SslMode, Target};
 use super::tls;
 
 /// The parsed database settings.
@@ -460,16 +460,26 @@ mod tests {
         assert_eq!(attempts[0].slot, "slot_a");
         assert_eq!(attempts[0].password, "pw");
         assert_eq!(attempts[0].application_name.as_deref(), Some("mine"));
-        let second = database.replication_attempts(1, "s", "p").unwrap_or_else(|e| panic!("{e}"));
+        let second = database
+            .replication_attempts(1, "s", "p")
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((second[0].host.as_str(), second[0].port), ("db2", 5432));
     }
 
     #[test]
     fn allow_tries_plain_text_then_tls() {
         let database = database("postgres://relay:pw@db/app?sslmode=allow");
-        let attempts = database.replication_attempts(0, "s", "p").unwrap_or_else(|e| panic!("{e}"));
+        let attempts = database
+            .replication_attempts(0, "s", "p")
+            .unwrap_or_else(|e| panic!("{e}"));
         let modes: Vec<_> = attempts.iter().map(|a| a.tls.mode).collect();
-        assert_eq!(modes, [pgwire_replication::SslMode::Disable, pgwire_replication::SslMode::Require]);
+        assert_eq!(
+            modes,
+            [
+                pgwire_replication::SslMode::Disable,
+                pgwire_replication::SslMode::Require
+            ]
+        );
         let socket = super::super::target::Server {
             host: Host::Unix("/tmp".into()),
             port: 5432,
@@ -480,7 +490,11 @@ mod tests {
     #[test]
     fn channel_binding_required_is_refused_for_replication_with_a_reason() {
         let database = database("postgres://relay:pw@db/app?channel_binding=require&sslmode=require");
-        let error = database.replication_attempts(0, "s", "p").err().map(|e| e.to_string()).unwrap_or_default();
+        let error = database
+            .replication_attempts(0, "s", "p")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(error.contains("channel_binding=require cannot be honoured"), "{error}");
         assert!(!error.contains("pw@"), "{error}");
     }

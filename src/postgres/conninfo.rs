@@ -222,7 +222,10 @@ mod tests {
             kv(&[("user", "u"), ("host", "/var/run/postgresql"), ("dbname", "d")])
         );
         assert_eq!(pairs("postgres://"), kv(&[]));
-        assert_eq!(pairs("postgres:///d?host=/tmp"), kv(&[("dbname", "d"), ("host", "/tmp")]));
+        assert_eq!(
+            pairs("postgres:///d?host=/tmp"),
+            kv(&[("dbname", "d"), ("host", "/tmp")])
+        );
     }
 
     #[test]

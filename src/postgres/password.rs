@@ -117,28 +117,25 @@ pub fn pgpass_match(text: &str, lookup: Lookup<'_>) -> Option<String> {
             .zip(wanted)
             .all(|(field, value)| field == "*" || field == value);
         if matches {
-            return Some(fields[4..].join(":"));
+            return fields.get(4).cloned();
         }
     }
     None
 }
 
 fn split_pgpass_line(line: &str) -> Vec<String> {
-    let mut fields = vec![String::new()];
+    let mut fields = Vec::new();
+    let mut field = String::new();
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
         match c {
-            '\\' => {
-                if let Some(escaped) = chars.next() {
-                    fields.last_mut().map(|f| f.push(escaped));
-                }
-            }
-            ':' if fields.len() < 5 => fields.push(String::new()),
-            _ => {
-                fields.last_mut().map(|f| f.push(c));
-            }
+            '\\' => field.extend(chars.next()),
+            // The fifth field, the password, keeps its colons.
+            ':' if fields.len() < 4 => fields.push(std::mem::take(&mut field)),
+            _ => field.push(c),
         }
     }
+    fields.push(field);
     fields
 }
 
@@ -161,9 +158,18 @@ mod tests {
                     db1:5432:app:relay:first\n\
                     *:5433:*:relay:sec\\:ond\n\
                     localhost:*:*:*:socket\n";
-        assert_eq!(pgpass_match(text, lookup("db1", 5432, "app", "relay")).as_deref(), Some("first"));
-        assert_eq!(pgpass_match(text, lookup("db2", 5433, "x", "relay")).as_deref(), Some("sec:ond"));
-        assert_eq!(pgpass_match(text, lookup("/tmp", 5432, "x", "y")).as_deref(), Some("socket"));
+        assert_eq!(
+            pgpass_match(text, lookup("db1", 5432, "app", "relay")).as_deref(),
+            Some("first")
+        );
+        assert_eq!(
+            pgpass_match(text, lookup("db2", 5433, "x", "relay")).as_deref(),
+            Some("sec:ond")
+        );
+        assert_eq!(
+            pgpass_match(text, lookup("/tmp", 5432, "x", "y")).as_deref(),
+            Some("socket")
+        );
         assert_eq!(pgpass_match(text, lookup("db2", 5432, "x", "relay")), None);
     }
 
@@ -179,9 +185,25 @@ mod tests {
         };
         let at = lookup("db", 5432, "app", "relay");
         std::fs::write(&path, "first\n").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(credentials.password(at).ok().flatten().map(|s| s.expose().to_owned()).as_deref(), Some("first"));
+        assert_eq!(
+            credentials
+                .password(at)
+                .ok()
+                .flatten()
+                .map(|s| s.expose().to_owned())
+                .as_deref(),
+            Some("first")
+        );
         std::fs::write(&path, "rotated").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(credentials.password(at).ok().flatten().map(|s| s.expose().to_owned()).as_deref(), Some("rotated"));
+        assert_eq!(
+            credentials
+                .password(at)
+                .ok()
+                .flatten()
+                .map(|s| s.expose().to_owned())
+                .as_deref(),
+            Some("rotated")
+        );
         std::fs::write(&path, "").unwrap_or_else(|e| panic!("{e}"));
         assert!(credentials.password(at).is_err());
         let _ = std::fs::remove_dir_all(dir);

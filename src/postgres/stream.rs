@@ -16,8 +16,8 @@ use pgwire_replication::{FeedbackObserver, PgWireError, ReplicationClient, Repli
 use tokio::sync::Notify;
 
 use super::connection::{requires_tls, Database, REQUIRES_TLS_HINT};
-use super::tls::explain_certificate_failure;
 use super::pgoutput::{self, Begin, Commit, DecodeError, LogicalMessage, Message};
+use super::tls::explain_certificate_failure;
 use crate::lsn::Lsn;
 
 /// How often a changed confirmed LSN is reported, and the longest silence while idle.
@@ -195,7 +195,9 @@ impl ReplicationStream {
                 let mut client = ReplicationClient::connect_gated(config).await.map_err(error)?;
                 let system = client.identify_system().await.map_err(error)?;
                 let rows = client
-                    .simple_query("SELECT ssl::text, coalesce(version, '') FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                    .simple_query(
+                        "SELECT ssl::text, coalesce(version, '') FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    )
                     .await
                     .map_err(error)?;
                 let text = |row: &pgwire_replication::QueryRow, i: usize| {
@@ -214,7 +216,9 @@ impl ReplicationStream {
                     tls,
                 })
             };
-            let limit = database.connect_timeout().map_or(Duration::from_secs(60), |t| t + CONNECT_GRACE);
+            let limit = database
+                .connect_timeout()
+                .map_or(Duration::from_secs(60), |t| t + CONNECT_GRACE);
             let result = tokio::time::timeout(limit, probing)
                 .await
                 .unwrap_or_else(|_| Err(StreamError::Transient(format!("no answer within {limit:?}"))));

@@ -185,7 +185,7 @@ impl SessionAttrs {
 
 /// The settings cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid database settings {url}: {reason}")]
+#[error("invalid database URL {url}: {reason}")]
 pub struct UrlError {
     /// The URL without secrets.
     pub url: String,
@@ -379,7 +379,9 @@ fn check_keyword(key: &str, value: &str) -> Result<(), String> {
         ("replication", _) => Err("replication= is set by the relay itself where it is needed; remove it".into()),
         ("hostaddr", _) => Err("hostaddr is not supported: give the address as host".into()),
         ("service", _) => Err("service (pg_service.conf) is not supported: give the settings in the URL".into()),
-        _ => Err(format!("the connection option {key}={value:?} is not supported by outbox-relay")),
+        _ => Err(format!(
+            "the connection option {key}={value:?} is not supported by outbox-relay"
+        )),
     }
 }
 
@@ -428,9 +430,8 @@ fn tls_settings(
         // libpq: with the system trust store, verify-full is the default and the only mode.
         None if root_cert == Some(RootCert::System) => SslMode::VerifyFull,
         None => SslMode::Prefer,
-        Some(text) => SslMode::parse(&text).ok_or_else(|| {
-            format!("sslmode={text}: use disable, allow, prefer, require, verify-ca or verify-full")
-        })?,
+        Some(text) => SslMode::parse(&text)
+            .ok_or_else(|| format!("sslmode={text}: use disable, allow, prefer, require, verify-ca or verify-full"))?,
     };
     if root_cert == Some(RootCert::System) && mode != SslMode::VerifyFull {
         return Err(format!(
@@ -529,7 +530,13 @@ mod tests {
             "postgres://relay@db:6543/app?sslmode=require",
             &[("PGSSLMODE", "disable"), ("PGAPPNAME", "mine"), ("PGHOST", "other")],
         );
-        assert_eq!(target.servers, vec![Server { host: Host::Tcp("db".into()), port: 6543 }]);
+        assert_eq!(
+            target.servers,
+            vec![Server {
+                host: Host::Tcp("db".into()),
+                port: 6543
+            }]
+        );
         assert_eq!(target.tls.mode, SslMode::Require);
         assert_eq!(target.application_name, "mine");
         assert_eq!(target.connect_timeout, Some(DEFAULT_CONNECT_TIMEOUT));
@@ -543,7 +550,10 @@ mod tests {
 
     #[test]
     fn several_hosts_and_session_attributes() {
-        let target = ok("postgres://u@a:1,b,%2Ftmp%2Fsock:3/d?target_session_attrs=read-write", &[]);
+        let target = ok(
+            "postgres://u@a:1,b,%2Ftmp%2Fsock:3/d?target_session_attrs=read-write",
+            &[],
+        );
         assert_eq!(
             target.servers.iter().map(ToString::to_string).collect::<Vec<_>>(),
             ["a:1", "b:5432", "/tmp/sock:3"]
@@ -555,7 +565,10 @@ mod tests {
 
     #[test]
     fn tls_settings_follow_libpq() {
-        let target = ok("postgres://u@h/d?sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/c&sslkey=/k", &[]);
+        let target = ok(
+            "postgres://u@h/d?sslmode=verify-full&sslrootcert=/ca.pem&sslcert=/c&sslkey=/k",
+            &[],
+        );
         assert_eq!(target.tls.verification(), Verification::Full);
         assert_eq!(target.tls.root_cert, Some(RootCert::File("/ca.pem".into())));
         assert!(target.tls.client_cert.is_some());
@@ -589,15 +602,34 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_messages_or_the_display() {
-        let target = ok("postgres://relay:s3cret@db/app?sslmode=verify-full&sslrootcert=/ca", &[]);
+        let target = ok(
+            "postgres://relay:s3cret@db/app?sslmode=verify-full&sslrootcert=/ca",
+            &[],
+        );
         assert!(!target.display().contains("s3cret"));
         assert!(!format!("{target:?}").contains("s3cret"));
         assert_eq!(target.display(), "postgres://relay@db:5432/app?sslmode=verify-full");
-        assert_eq!(redact("postgres://relay:s3cret@db:5432/app"), "postgres://relay:***@db:5432/app");
-        assert_eq!(redact("postgres://relay@db/app?password=s3cret&x=1"), "postgres://relay@db/app?password=***&x=1");
-        assert_eq!(redact("host=db user=relay password=s3cret"), "host=db user=relay password=***");
-        let error = parse("postgres://relay:s3cret@db:notaport/app", &[]).err().map(|e| e.to_string());
-        assert!(error.as_deref().is_some_and(|e| e.contains("relay:***@db") && !e.contains("s3cret")), "{error:?}");
+        assert_eq!(
+            redact("postgres://relay:s3cret@db:5432/app"),
+            "postgres://relay:***@db:5432/app"
+        );
+        assert_eq!(
+            redact("postgres://relay@db/app?password=s3cret&x=1"),
+            "postgres://relay@db/app?password=***&x=1"
+        );
+        assert_eq!(
+            redact("host=db user=relay password=s3cret"),
+            "host=db user=relay password=***"
+        );
+        let error = parse("postgres://relay:s3cret@db:notaport/app", &[])
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.contains("relay:***@db") && !e.contains("s3cret")),
+            "{error:?}"
+        );
         assert!(Target::parse("postgres://u:pw@h/d", Some("/pw".into()), &|_| None).is_err());
     }
 }

@@ -104,7 +104,11 @@ pub fn client_config(settings: &TlsSettings) -> Result<ClientConfig, TlsError> {
 
 /// The replication client's TLS settings for `server`, equivalent to [`client_config`].
 /// `mode` is the mode of this attempt (`allow` makes a plain attempt first).
-pub fn replication_tls(settings: &TlsSettings, mode: SslMode, server: &Server) -> Result<pgwire_replication::TlsConfig, TlsError> {
+pub fn replication_tls(
+    settings: &TlsSettings,
+    mode: SslMode,
+    server: &Server,
+) -> Result<pgwire_replication::TlsConfig, TlsError> {
     use pgwire_replication::{SslMode as Mode, TlsConfig};
     if server.is_unix() {
         // libpq never uses TLS on a Unix socket.
@@ -282,7 +286,10 @@ pub fn explain_certificate_failure(text: &str) -> Option<String> {
     } else {
         "the server's certificate was rejected"
     };
-    Some(format!("the server's certificate does not verify: {reason} ({})", text.trim()))
+    Some(format!(
+        "the server's certificate does not verify: {reason} ({})",
+        text.trim()
+    ))
 }
 
 #[cfg(test)]
@@ -308,12 +315,20 @@ mod tests {
 
     #[test]
     fn missing_files_and_encrypted_keys_are_explained() {
-        let missing = root_file(&RootCert::File("/nonexistent/ca.pem".into())).err().unwrap_or_else(|| TlsError(String::new()));
-        assert!(missing.to_string().contains("/nonexistent/ca.pem does not exist"), "{missing}");
+        let missing = root_file(&RootCert::File("/nonexistent/ca.pem".into()))
+            .err()
+            .unwrap_or_else(|| TlsError(String::new()));
+        assert!(
+            missing.to_string().contains("/nonexistent/ca.pem does not exist"),
+            "{missing}"
+        );
         let dir = std::env::temp_dir().join(format!("outbox-relay-tls-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         let key = dir.join("key.pem");
-        let _ = std::fs::write(&key, "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n");
+        let _ = std::fs::write(
+            &key,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        );
         let error = load_key(&key).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(error.contains("is encrypted"), "{error}");
         let _ = std::fs::remove_dir_all(dir);

@@ -38,7 +38,9 @@ async fn a_password_rotated_in_its_file_is_used_at_the_next_reconnection() {
 
     let first = db.insert_event("order", "order-1", r#"{"n": 1}"#).await;
     let mut consumer = Consumer::new(&db.bootstrap_servers, &[db.topic("order")]);
-    consumer.read_until(Duration::from_secs(60), "the first event", |r| r.iter().any(|r| r.id() == first));
+    consumer.read_until(Duration::from_secs(60), "the first event", |r| {
+        r.iter().any(|r| r.id() == first)
+    });
 
     // Rotate as a secret manager does: the server first, the mounted file a moment later.
     db.client
@@ -46,12 +48,17 @@ async fn a_password_rotated_in_its_file_is_used_at_the_next_reconnection() {
         .await
         .unwrap();
     db.client
-        .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", &[&role])
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+            &[&role],
+        )
         .await
         .unwrap();
-    eventually(Duration::from_secs(60), "the relay to meet the old password's rejection", || async {
-        relay.log_text().contains("rejected the password").then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the relay to meet the old password's rejection",
+        || async { relay.log_text().contains("rejected the password").then_some(()) },
+    )
     .await;
     assert!(relay.is_running(), "the relay gave up:\n{}", relay.log_text());
     std::fs::write(&password_file, "second-secret\n").unwrap();
@@ -61,7 +68,10 @@ async fn a_password_rotated_in_its_file_is_used_at_the_next_reconnection() {
         r.iter().any(|r| r.id() == second)
     });
     let log = relay.log_text();
-    assert!(!log.contains("first-secret") && !log.contains("second-secret"), "a password leaked:\n{log}");
+    assert!(
+        !log.contains("first-secret") && !log.contains("second-secret"),
+        "a password leaked:\n{log}"
+    );
     let status = relay.terminate(Duration::from_secs(15));
     assert!(status.success(), "{log}");
     let _ = std::fs::remove_dir_all(dir);
@@ -87,7 +97,10 @@ async fn libpq_password_sources_and_a_dead_first_host_work() {
             .envs(env.iter().copied())
             .output()
             .unwrap();
-        (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     };
     let (code, text) = status(&url, &[("PGPASSFILE", &pgpass.display().to_string())]);
     assert_eq!(code, Some(0), "PGPASSFILE: {text}");
@@ -95,12 +108,16 @@ async fn libpq_password_sources_and_a_dead_first_host_work() {
     assert_eq!(code, Some(0), "PGPASSWORD: {text}");
     let (code, text) = status(&url, &[("PGPASSWORD", "wrong")]);
     assert_eq!(code, Some(1), "{text}");
-    assert!(text.contains("password authentication failed") && !text.contains("wrong"), "{text}");
+    assert!(
+        text.contains("password authentication failed") && !text.contains("wrong"),
+        "{text}"
+    );
 
     // A dead first host: the relay settles on the second, for SQL and replication alike.
     let dead = devrig::free_port().unwrap();
     let (hosts, rest) = db.url.split_once('@').unwrap().1.split_once('/').unwrap();
-    let multi = format!("postgres://{role}:pgpass-secret@127.0.0.1:{dead},{hosts}/{rest}?target_session_attrs=read-write");
+    let multi =
+        format!("postgres://{role}:pgpass-secret@127.0.0.1:{dead},{hosts}/{rest}?target_session_attrs=read-write");
     let output = command()
         .arg("check")
         .env("DATABASE_URL", &multi)
@@ -110,7 +127,12 @@ async fn libpq_password_sources_and_a_dead_first_host_work() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(0), "{text}{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(text.contains(&format!("replication connection to {hosts}")), "{text}");
     let mut multi_db = TestDb::new("pgpassrun").await;
     multi_db.url = multi_db.url.replacen('@', &format!("@127.0.0.1:{dead},"), 1);
@@ -120,7 +142,11 @@ async fn libpq_password_sources_and_a_dead_first_host_work() {
     consumer.read_until(Duration::from_secs(60), "the event through the second host", |r| {
         r.iter().any(|r| r.id() == id)
     });
-    assert!(relay.terminate(Duration::from_secs(15)).success(), "{}", relay.log_text());
+    assert!(
+        relay.terminate(Duration::from_secs(15)).success(),
+        "{}",
+        relay.log_text()
+    );
     let _ = std::fs::remove_dir_all(dir);
     db.drop().await;
     multi_db.drop().await;
@@ -143,7 +169,10 @@ async fn channel_binding_require_fails_where_the_connection_cannot_bind() {
     // The replication connection cannot bind at all; run says so instead of going unbound.
     let output = command()
         .arg("run")
-        .env("DATABASE_URL", url.replace("channel_binding=require", "channel_binding=require&sslmode=disable"))
+        .env(
+            "DATABASE_URL",
+            url.replace("channel_binding=require", "channel_binding=require&sslmode=disable"),
+        )
         .env("KAFKA_BOOTSTRAP_SERVERS", &db.bootstrap_servers)
         .env("OUTBOX_RELAY_SLOT", &db.slot)
         .output()

@@ -1,6 +1,6 @@
 mod check;
-mod credentials;
 mod cleanup;
+mod credentials;
 mod delivery;
 mod documentation;
 mod faults;

@@ -46,7 +46,10 @@ impl TlsServer {
     }
 
     fn verify_full(&self) -> String {
-        self.password_url("localhost", &format!("sslmode=verify-full&sslrootcert={}", self.file("ca.crt")))
+        self.password_url(
+            "localhost",
+            &format!("sslmode=verify-full&sslrootcert={}", self.file("ca.crt")),
+        )
     }
 }
 
@@ -61,7 +64,9 @@ fn tls_server() -> &'static TlsServer {
         })
         .unwrap_or_else(|e| panic!("cannot start the TLS-only PostgreSQL: {e}"));
         let files = std::env::temp_dir().join(format!("outbox-relay-tls-client-{}", std::process::id()));
-        certificates.write_client_files(&files).unwrap_or_else(|e| panic!("{e}"));
+        certificates
+            .write_client_files(&files)
+            .unwrap_or_else(|e| panic!("{e}"));
         TlsServer {
             postgres,
             certificates,
@@ -133,7 +138,10 @@ async fn a_tls_only_server_works_with_verify_full_and_a_password() {
     assert!(text.contains("[ok  ] SQL connection to localhost:"), "{text}");
     assert!(text.contains("(TLSv1.3) as postgres://postgres@localhost"), "{text}");
     assert!(text.contains("[ok  ] replication connection to localhost:"), "{text}");
-    assert!(!text.contains(&server.postgres.password), "the password leaked:\n{text}");
+    assert!(
+        !text.contains(&server.postgres.password),
+        "the password leaked:\n{text}"
+    );
     publishes_over_tls(&db).await;
     let (text, output) = run_command(&db, "status", &db.url, &["--json"]);
     assert_eq!(output.status.code(), Some(0), "{text}");
@@ -171,7 +179,10 @@ async fn certificate_failures_name_their_reason() {
     assert!(text.contains("does not verify: unknown CA"), "{text}");
     let (text, output) = run_command(&db, "check", &with_db(&wrong_ca, &db), &[]);
     assert_eq!(output.status.code(), Some(1), "{text}");
-    assert!(text.contains("[FAIL] PostgreSQL: ") && text.contains("unknown CA"), "{text}");
+    assert!(
+        text.contains("[FAIL] PostgreSQL: ") && text.contains("unknown CA"),
+        "{text}"
+    );
 
     let by_address = server.password_url(
         "127.0.0.1",
@@ -198,15 +209,24 @@ async fn plain_text_is_refused_with_the_servers_reason_and_a_hint() {
     for subcommand in ["run", "status", "setup"] {
         let (text, output) = run_command(&db, subcommand, &with_db(&plain, &db), &[]);
         assert_ne!(output.status.code(), Some(0), "{subcommand}: {text}");
-        assert!(text.contains("no encryption"), "{subcommand}: PostgreSQL's reason is not quoted:\n{text}");
+        assert!(
+            text.contains("no encryption"),
+            "{subcommand}: PostgreSQL's reason is not quoted:\n{text}"
+        );
         assert!(text.contains("set sslmode=require"), "{subcommand}: no hint:\n{text}");
-        assert!(!text.contains(&server.postgres.password), "{subcommand}: the password leaked:\n{text}");
+        assert!(
+            !text.contains(&server.postgres.password),
+            "{subcommand}: the password leaked:\n{text}"
+        );
     }
     // allow: plain text first, TLS when the server refuses it.
     let allow = server.password_url("localhost", "sslmode=allow");
     let (text, output) = run_command(&db, "check", &with_db(&allow, &db), &[]);
     assert_eq!(output.status.code(), Some(0), "{text}");
-    assert!(text.contains("replication connection to localhost") && text.contains("TLSv1.3"), "{text}");
+    assert!(
+        text.contains("replication connection to localhost") && text.contains("TLSv1.3"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -225,11 +245,7 @@ async fn an_expired_server_certificate_is_named() {
         postgres.port,
         server.file("ca.crt")
     );
-    let output = command()
-        .args(["status"])
-        .env("DATABASE_URL", &url)
-        .output()
-        .unwrap();
+    let output = command().args(["status"]).env("DATABASE_URL", &url).output().unwrap();
     let text = String::from_utf8_lossy(&output.stderr);
     assert_ne!(output.status.code(), Some(0), "{text}");
     assert!(text.contains("does not verify: expired"), "{text}");

@@ -208,7 +208,9 @@ impl Postgres {
                     std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
                 }
             }
-            extra.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'root.crt'\n");
+            extra.push_str(
+                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'root.crt'\n",
+            );
         }
         if let Some(hba) = options.hba {
             std::fs::write(data.join("pg_hba.conf"), hba)?;
