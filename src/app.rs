@@ -151,6 +151,8 @@ pub async fn run(settings: RelaySettings, shutdown: Shutdown) -> Result<(), Rela
         metrics,
         health,
         confirmed,
+        last_read_commit_time: None,
+        published_before: None,
     };
     let result = relay.run(shutdown).await;
     let m = &relay.metrics;
@@ -246,6 +248,12 @@ struct Relay {
     health: Arc<Health>,
     /// The confirmed LSN, for the cleaner.
     confirmed: tokio::sync::watch::Sender<Lsn>,
+    /// Commit time (Unix microseconds) of the newest transaction read: every transaction
+    /// not yet read committed after it (commit order is WAL order).
+    last_read_commit_time: Option<i64>,
+    /// When the last session ended: every transaction committed before this time
+    /// (Unix microseconds) was published, for the message after a lost slot.
+    published_before: Option<i64>,
 }
 
 impl Relay {
@@ -364,6 +372,11 @@ impl Relay {
                     }
                     self.poisoned.clear();
                     if let Some(progress) = self.progress.as_mut() {
+                        // The oldest transaction not confirmed, or else any not yet read,
+                        // committed after everything published.
+                        self.published_before = progress
+                            .oldest_unconfirmed_commit_time()
+                            .or(self.last_read_commit_time);
                         progress.restart_stream();
                     }
                     backoff.wait(&mut shutdown).await;
@@ -393,6 +406,30 @@ impl Relay {
         let (client, server) = (connected.client, connected.server);
         let sql_error = |e: tokio_postgres::Error| SessionError::Restart(database.connect_error(&e).to_string());
         let info = slot::inspect(&client, &self.settings.slot).await.map_err(sql_error)?;
+        let host = database.servers().get(server).map(ToString::to_string).unwrap_or_default();
+        let in_recovery: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(sql_error)?
+            .get(0);
+        // A standby's copy of a failover slot cannot be streamed from until the standby is
+        // promoted; nor can a missing slot be judged on a standby. Wait for a primary.
+        if in_recovery && info.as_ref().is_none_or(|i| i.synced == Some(true)) {
+            return Err(SessionError::Restart(format!(
+                "{host} is a standby (in recovery) without a slot of its own to stream; waiting for a primary (use target_session_attrs=read-write to skip standbys)"
+            )));
+        }
+        // Streamed before, and the server reached now has no slot: it was failed over to.
+        if info.is_none() && self.progress.is_some() {
+            let before = self.published_before.unwrap_or_else(crate::monitor::now_micros);
+            let time = std::time::UNIX_EPOCH + Duration::from_micros(before.max(0) as u64);
+            return Err(RelayError::from(slot::SlotProblem::GoneAfterFailover {
+                slot: self.settings.slot.clone(),
+                server: host,
+                published_before: humantime::format_rfc3339_micros(time).to_string(),
+            })
+            .into());
+        }
         let info = slot::check(info, &self.settings.slot, database.dbname()).map_err(RelayError::from)?;
         if !slot::publication_exists(&client, &self.settings.publication)
             .await
@@ -469,6 +506,7 @@ impl Relay {
                     return Err(RelayError::Protocol("Begin inside an open transaction".into()).into());
                 }
                 let commit_time = begin.commit_time + POSTGRES_EPOCH_MICROS;
+                self.last_read_commit_time = Some(commit_time);
                 let id = self.progress()?.begin(commit_time);
                 *open = Some(OpenTxn {
                     id,

@@ -15,6 +15,7 @@ use tokio_postgres::Client;
 use crate::app::RelaySettings;
 use crate::config::RunArgs;
 use crate::kafka::Producer;
+use crate::postgres::failover;
 use crate::postgres::slot::{self, SlotProblem};
 use crate::postgres::stream::ReplicationStream;
 
@@ -168,6 +169,18 @@ async fn postgres_checks(settings: &RelaySettings, report: &mut Report) {
         Item::skip(format!("replication connection to {host} (the role lacks REPLICATION)"))
     });
     report.items.extend(items);
+    match failover::inspect(database, &client, server, &settings.slot).await {
+        Ok(readiness) => report.items.extend(readiness.findings(&settings.slot).into_iter().map(|finding| {
+            match finding.fix {
+                Some(fix) if !finding.ok => Item::warn(finding.what, fix),
+                _ => Item::pass(finding.what),
+            }
+        })),
+        Err(error) => report.items.push(Item::warn(
+            format!("failover readiness could not be read: {}", database.connect_error(&error)),
+            "check that the role may read pg_replication_slots and settings",
+        )),
+    }
 }
 
 /// How the role check words a role without the REPLICATION attribute.

@@ -215,6 +215,11 @@ pub struct SetupArgs {
     /// Also apply the shipped SQL: the outbox table and the publication (idempotent).
     #[arg(long, env = "OUTBOX_RELAY_APPLY_SQL")]
     pub apply_sql: bool,
+
+    /// Make the slot failover-enabled (PostgreSQL 17+): standbys running
+    /// sync_replication_slots keep a copy, so the relay resumes on a promoted standby.
+    #[arg(long, env = "OUTBOX_RELAY_FAILOVER_SLOT", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub failover_slot: bool,
 }
 
 /// Slot and publication names go into replication commands verbatim, so only

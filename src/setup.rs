@@ -6,6 +6,7 @@
 use crate::config::SetupArgs;
 use crate::error::RelayError;
 use crate::postgres::slot::{self, SlotProblem};
+use crate::postgres::stream::ReplicationStream;
 
 /// The SQL files shipped in `sql/`, applied in this order by `--apply-sql`.
 pub const SHIPPED_SQL: [(&str, &str); 2] = [
@@ -19,7 +20,8 @@ const SHIPPED_PUBLICATION: &str = "outbox_pub";
 /// Runs setup; returns one line per thing checked or done.
 pub async fn setup(args: &SetupArgs) -> Result<Vec<String>, RelayError> {
     let database = args.postgres.database()?;
-    let client = database.connect().await?;
+    let connected = database.open().await?;
+    let (client, server) = (connected.client, connected.server);
     let sql_error = |e: tokio_postgres::Error| RelayError::Connect(database.connect_error(&e));
     let mut report = Vec::new();
 
@@ -54,6 +56,7 @@ pub async fn setup(args: &SetupArgs) -> Result<Vec<String>, RelayError> {
     report.push(format!("publication {publication} exists"));
 
     let slot_name = &args.postgres.slot;
+    let major = slot::server_major(&client).await.map_err(sql_error)?;
     match slot::inspect(&client, slot_name).await.map_err(sql_error)? {
         Some(info) => {
             let info = slot::check(Some(info), slot_name, database.dbname())?;
@@ -61,9 +64,24 @@ pub async fn setup(args: &SetupArgs) -> Result<Vec<String>, RelayError> {
             report.push(format!(
                 "slot {slot_name} exists (confirmed up to {confirmed}); left as it is"
             ));
+            if args.failover_slot && info.failover == Some(false) {
+                report.push(match ReplicationStream::enable_failover(&database, server, slot_name).await {
+                    Ok(()) => format!("slot {slot_name} is now failover-enabled"),
+                    Err(error) => format!(
+                        "slot {slot_name} is not failover-enabled and could not be made so ({error}); run setup again while no relay streams from it"
+                    ),
+                });
+            }
         }
-        None => match slot::create(&client, slot_name).await {
-            Ok(lsn) => report.push(format!("created slot {slot_name} (pgoutput) at {lsn}")),
+        None => match slot::create(&client, slot_name, args.failover_slot).await {
+            Ok((lsn, failover)) => report.push(format!(
+                "created slot {slot_name} (pgoutput{}) at {lsn}",
+                match (failover, major >= slot::FAILOVER_SLOTS_SINCE) {
+                    (true, _) => ", failover-enabled",
+                    (false, true) => ", failover off by --failover-slot false",
+                    (false, false) => "; PostgreSQL before 17 has no failover slots",
+                }
+            )),
             // Created meanwhile by another setup: fine, as long as it is the right kind.
             Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) => {
                 let info = slot::inspect(&client, slot_name).await.map_err(sql_error)?;

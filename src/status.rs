@@ -15,6 +15,7 @@ use tokio_postgres::Client;
 use crate::error::RelayError;
 use crate::lsn::Lsn;
 use crate::postgres::connection::Database;
+use crate::postgres::failover;
 use crate::postgres::pgoutput::{self, Message};
 use crate::postgres::slot;
 
@@ -64,6 +65,10 @@ pub struct Status {
     pub safe_wal_size: Option<i64>,
     pub publication: String,
     pub publication_tables: Vec<String>,
+    /// Failover slot, synchronized standby slots, the standbys' copies.
+    pub failover: failover::Readiness,
+    /// The same, said in sentences.
+    pub failover_findings: Vec<String>,
     pub verdict: Verdict,
     pub reason: String,
 }
@@ -75,7 +80,8 @@ pub async fn status(
     publication: &str,
     limits: Limits,
 ) -> Result<Status, RelayError> {
-    let client = database.connect().await?;
+    let connected = database.open().await?;
+    let (client, primary) = (connected.client, connected.server);
     let sql_error = |e: tokio_postgres::Error| RelayError::Connect(database.connect_error(&e));
     let info = slot::inspect(&client, slot_name).await.map_err(sql_error)?;
     let info = match info {
@@ -122,6 +128,9 @@ pub async fn status(
         oldest_unconfirmed_commit_age(&client, slot_name, publication, confirmed, server_lsn).await
     };
 
+    let failover = failover::inspect(database, &client, primary, slot_name)
+        .await
+        .map_err(sql_error)?;
     let (verdict, reason) = judge(&info, lag_bytes, lag_seconds, limits);
     Ok(Status {
         slot: info.name.clone(),
@@ -136,6 +145,12 @@ pub async fn status(
         safe_wal_size: info.safe_wal_size,
         publication: publication.to_owned(),
         publication_tables: tables,
+        failover_findings: failover
+            .findings(slot_name)
+            .into_iter()
+            .map(|f| format!("{}{}", if f.ok { "" } else { "warning: " }, f.what))
+            .collect(),
+        failover,
         verdict,
         reason,
     })
@@ -238,6 +253,7 @@ impl Status {
              wal_status:        {}\n\
              safe_wal_size:     {}\n\
              publication:       {} ({})\n\
+             failover:          {}\n\
              verdict:           {} ({})\n",
             self.slot,
             self.active_pid
@@ -255,6 +271,7 @@ impl Status {
             } else {
                 self.publication_tables.join(", ")
             },
+            self.failover_findings.join("\n                   "),
             match self.verdict {
                 Verdict::Healthy => "healthy",
                 Verdict::Lagging => "lagging",

@@ -5,6 +5,7 @@
 
 pub mod connection;
 pub mod conninfo;
+pub mod failover;
 pub mod password;
 pub mod pgoutput;
 pub mod secret;

@@ -22,6 +22,12 @@ pub struct SlotInfo {
     /// `reserved`, `extended`, `unreserved` or `lost`.
     pub wal_status: Option<String>,
     pub safe_wal_size: Option<i64>,
+    /// Synced to standbys that run `sync_replication_slots` (PostgreSQL 17+; `None` before).
+    pub failover: Option<bool>,
+    /// A standby's copy of a primary's failover slot (PostgreSQL 17+; `None` before).
+    pub synced: Option<bool>,
+    /// Dropped at the end of the session that made it (a standby's copy not yet persisted).
+    pub temporary: bool,
 }
 
 /// Why a slot cannot be streamed from.
@@ -47,10 +53,21 @@ pub enum SlotProblem {
         SlotProblem::PUBLICATION_MISSING_FIX
     )]
     PublicationMissing { publication: String, database: String },
+    /// The relay streamed from the slot, and the server it now reaches has no such slot:
+    /// the database failed over to a server the slot was not carried to.
+    #[error("replication slot {slot:?} is gone: the relay streamed from it, and the server it reaches now ({server}) has no such slot. The database has failed over to a server the slot was not synced to (PostgreSQL before 17, or a slot without failover). Every event committed before {published_before} was published; later ones may not be; {}", SlotProblem::GONE_FIX)]
+    GoneAfterFailover {
+        slot: String,
+        server: String,
+        /// RFC 3339 time before which every committed event was published.
+        published_before: String,
+    },
 }
 
 impl SlotProblem {
-    const MISSING_FIX: &'static str = "create it with `outbox-relay setup` (a new slot starts at the current WAL position: events written before it are not published)";
+    const MISSING_FIX: &'static str = "create it with `outbox-relay setup` (a new slot starts at the current WAL position: events written before it are not published; if this server was promoted from a standby, follow docs/operations.md#failover-without-failover-slots)";
+    const GONE_FIX: &'static str =
+        "follow docs/operations.md#failover-without-failover-slots: find the last published event, recreate the slot with `outbox-relay setup`, republish what was written in between";
     const WRONG_KIND_FIX: &'static str = "drop it or choose another --slot";
     const LOST_FIX: &'static str =
         "compare the outbox table with the topics, then drop the slot and run `outbox-relay setup` again";
@@ -64,6 +81,7 @@ impl SlotProblem {
             SlotProblem::WrongKind { .. } => Self::WRONG_KIND_FIX,
             SlotProblem::Lost { .. } => Self::LOST_FIX,
             SlotProblem::PublicationMissing { .. } => Self::PUBLICATION_MISSING_FIX,
+            SlotProblem::GoneAfterFailover { .. } => Self::GONE_FIX,
         }
     }
 }
@@ -76,9 +94,12 @@ fn parse_lsn(text: Option<String>) -> Option<Lsn> {
 pub async fn inspect(client: &Client, slot: &str) -> Result<Option<SlotInfo>, tokio_postgres::Error> {
     let row = client
         .query_opt(
+            // failover and synced exist from PostgreSQL 17 on: read through jsonb so the
+            // same query serves 14 to 18.
             "SELECT slot_name::text, plugin::text, slot_type, database::text, active_pid,
-                    restart_lsn::text, confirmed_flush_lsn::text, wal_status, safe_wal_size
-               FROM pg_replication_slots WHERE slot_name = $1",
+                    restart_lsn::text, confirmed_flush_lsn::text, wal_status, safe_wal_size,
+                    (to_jsonb(s) ->> 'failover')::bool, (to_jsonb(s) ->> 'synced')::bool, temporary
+               FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
         .await?;
@@ -92,6 +113,9 @@ pub async fn inspect(client: &Client, slot: &str) -> Result<Option<SlotInfo>, to
         confirmed_flush_lsn: parse_lsn(row.get(6)),
         wal_status: row.get(7),
         safe_wal_size: row.get(8),
+        failover: row.get(9),
+        synced: row.get(10),
+        temporary: row.get(11),
     }))
 }
 
@@ -125,13 +149,26 @@ pub async fn publication_exists(client: &Client, publication: &str) -> Result<bo
     Ok(row.is_some())
 }
 
-/// Creates a logical slot with the `pgoutput` plugin; returns its starting position.
-pub async fn create(client: &Client, slot: &str) -> Result<Lsn, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
-        .await?;
-    Ok(parse_lsn(row.get(0)).unwrap_or(Lsn::ZERO))
+/// The server's major version (14, 15, ...).
+pub async fn server_major(client: &Client) -> Result<u32, tokio_postgres::Error> {
+    let number: String = client.query_one("SHOW server_version_num", &[]).await?.get(0);
+    Ok(number.parse::<u32>().unwrap_or(0) / 10_000)
+}
+
+/// The first major version with failover slots.
+pub const FAILOVER_SLOTS_SINCE: u32 = 17;
+
+/// Creates a logical slot with the `pgoutput` plugin, failover-enabled when `failover`
+/// is asked and the server has failover slots; returns its starting position and
+/// whether it is failover-enabled.
+pub async fn create(client: &Client, slot: &str, failover: bool) -> Result<(Lsn, bool), tokio_postgres::Error> {
+    let failover = failover && server_major(client).await? >= FAILOVER_SLOTS_SINCE;
+    let sql = if failover {
+        // (name, plugin, temporary, twophase, failover)
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
+    let row = client.query_one(sql, &[&slot]).await?;
+    Ok((parse_lsn(row.get(0)).unwrap_or(Lsn::ZERO), failover))
 }

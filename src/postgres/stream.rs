@@ -184,51 +184,35 @@ impl ReplicationStream {
     /// as `run` would connect, and reports what the server says of itself. `check` uses
     /// it to prove the replication connection works (TLS, authentication, REPLICATION).
     pub async fn probe(database: &Database, server: usize) -> Result<Probe, StreamError> {
-        let attempts = database
-            .replication_attempts(server, "outbox_relay_probe", "outbox_relay_probe")
-            .map_err(|e| StreamError::Definite(e.message))?;
-        let count = attempts.len();
-        let mut last = None;
-        for (n, config) in attempts.into_iter().enumerate() {
-            let error = |e| StreamError::from_pgwire(e, "");
-            let probing = async {
-                let mut client = ReplicationClient::connect_gated(config).await.map_err(error)?;
-                let system = client.identify_system().await.map_err(error)?;
-                let rows = client
-                    .simple_query(
-                        "SELECT ssl::text, coalesce(version, '') FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-                    )
-                    .await
-                    .map_err(error)?;
-                let text = |row: &pgwire_replication::QueryRow, i: usize| {
-                    row.get(i)
-                        .and_then(Option::as_ref)
-                        .map(|b| String::from_utf8_lossy(b).into_owned())
-                        .unwrap_or_default()
-                };
-                let tls = rows
-                    .first()
-                    .filter(|row| text(row, 0) == "true")
-                    .map(|row| text(row, 1));
-                Ok(Probe {
-                    system_id: system.system_id,
-                    timeline: system.timeline,
-                    tls,
-                })
-            };
-            let limit = database
-                .connect_timeout()
-                .map_or(Duration::from_secs(60), |t| t + CONNECT_GRACE);
-            let result = tokio::time::timeout(limit, probing)
-                .await
-                .unwrap_or_else(|_| Err(StreamError::Transient(format!("no answer within {limit:?}"))));
-            match result {
-                Ok(probe) => return Ok(probe),
-                Err(error) if n + 1 < count && requires_tls(&error.to_string()) => last = Some(error),
-                Err(error) => return Err(error),
-            }
-        }
-        Err(last.unwrap_or_else(|| StreamError::Definite("no replication connection was attempted".into())))
+        let (mut client, system) = gated_session(database, server).await?;
+        let error = |e| StreamError::from_pgwire(e, "");
+        let rows = client
+            .simple_query("SELECT ssl::text, coalesce(version, '') FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .await
+            .map_err(error)?;
+        let text = |row: &pgwire_replication::QueryRow, i: usize| {
+            row.get(i)
+                .and_then(Option::as_ref)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default()
+        };
+        let tls = rows.first().filter(|row| text(row, 0) == "true").map(|row| text(row, 1));
+        Ok(Probe {
+            system_id: system.system_id,
+            timeline: system.timeline,
+            tls,
+        })
+    }
+
+    /// Makes an existing slot failover-enabled (PostgreSQL 17+), with the replication
+    /// command that does it; the slot must not be in use.
+    pub async fn enable_failover(database: &Database, server: usize, slot: &str) -> Result<(), StreamError> {
+        let (mut client, _) = gated_session(database, server).await?;
+        client
+            .simple_query(&format!("ALTER_REPLICATION_SLOT {slot} ( FAILOVER true )"))
+            .await
+            .map(|_| ())
+            .map_err(|e| StreamError::from_pgwire(e, slot))
     }
 
     /// The next event; `Ok(None)` when the server ended the stream.
@@ -302,4 +286,38 @@ impl ReplicationStream {
             self.client.abort();
         }
     }
+}
+
+/// An authenticated replication session to server `server` that has not started
+/// streaming, and its IDENTIFY_SYSTEM answer (which surfaces connection errors).
+/// `sslmode=allow` tries plain text, then TLS.
+async fn gated_session(
+    database: &Database,
+    server: usize,
+) -> Result<(ReplicationClient, pgwire_replication::IdentifySystem), StreamError> {
+    let attempts = database
+        .replication_attempts(server, "outbox_relay", "outbox_relay")
+        .map_err(|e| StreamError::Definite(e.message))?;
+    let count = attempts.len();
+    let limit = database
+        .connect_timeout()
+        .map_or(Duration::from_secs(60), |t| t + CONNECT_GRACE);
+    let mut last = None;
+    for (n, config) in attempts.into_iter().enumerate() {
+        let error = |e| StreamError::from_pgwire(e, "");
+        let opening = async {
+            let mut client = ReplicationClient::connect_gated(config).await.map_err(error)?;
+            let system = client.identify_system().await.map_err(error)?;
+            Ok((client, system))
+        };
+        let result = tokio::time::timeout(limit, opening)
+            .await
+            .unwrap_or_else(|_| Err(StreamError::Transient(format!("no answer within {limit:?}"))));
+        match result {
+            Ok(session) => return Ok(session),
+            Err(error) if n + 1 < count && requires_tls(&error.to_string()) => last = Some(error),
+            Err(error) => return Err(error),
+        }
+    }
+    Err(last.unwrap_or_else(|| StreamError::Definite("no replication connection was attempted".into())))
 }

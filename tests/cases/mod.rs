@@ -3,6 +3,7 @@ mod cleanup;
 mod credentials;
 mod delivery;
 mod documentation;
+mod failover;
 mod faults;
 mod guarantees;
 mod large_transaction;

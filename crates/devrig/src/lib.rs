@@ -151,7 +151,10 @@ impl Postgres {
     /// As [`start`](Self::start), configured by `options`.
     pub fn start_configured(options: &Options<'_>) -> io::Result<Postgres> {
         let settings = options.settings;
-        let bindir = pg_bindir()?;
+        let bindir = match options.major {
+            Some(major) => pg_bindir_for(major)?,
+            None => pg_bindir()?,
+        };
         let dir = scratch_dir("pg")?;
         let owner = postgres_owner()?;
         let password = format!("pw{}", std::process::id());
@@ -276,7 +279,7 @@ impl Postgres {
         });
         self.child = Some(child);
         let port = self.port;
-        let isready = self.bindir.join("pg_isready");
+        let isready = client_tool(&self.bindir, "pg_isready")?;
         wait_until(Duration::from_secs(60), "PostgreSQL to accept connections", || {
             Command::new(&isready)
                 .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string()])
@@ -315,6 +318,89 @@ impl Postgres {
         }
     }
 
+    /// Immediate shutdown (`pg_ctl stop -m immediate`): the server dies as in a crash.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(child.id(), libc::SIGQUIT);
+            let _ = child.wait();
+            unregister_pid(child.id());
+        }
+    }
+
+    /// The server's major version (from its `postgres --version`).
+    pub fn major(&self) -> io::Result<u32> {
+        major_of(&self.bindir)
+    }
+
+    /// A streaming standby of `primary`, from a base backup taken over `primary`'s Unix
+    /// socket, following it through the physical slot `slot` (created by the backup), with
+    /// extra `settings` (e.g. `sync_replication_slots = on`). It runs the same binaries.
+    pub fn start_standby(primary: &Postgres, slot: &str, settings: &[&str]) -> io::Result<Postgres> {
+        let dir = scratch_dir("pg-standby")?;
+        let data = dir.join("data");
+        let owner = primary.owner;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+        }
+        register(Cleanup::Directory(dir.clone()));
+        let conninfo = format!(
+            "host={} port={} user=postgres dbname=postgres",
+            primary.dir.display(),
+            primary.port
+        );
+        let mut backup = Command::new(client_tool(&primary.bindir, "pg_basebackup")?);
+        backup
+            .arg("-D")
+            .arg(&data)
+            .args(["-R", "-X", "stream", "-C", "-S", slot, "-d", &conninfo])
+            .stdout(Stdio::null());
+        as_owner(&mut backup, owner);
+        let output = backup.output()?;
+        if !output.status.success() {
+            return Err(io::Error::other(format!(
+                "pg_basebackup failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        // After the copied settings and -R's lines: later lines win.
+        let mut extra = std::fs::read_to_string(data.join("postgresql.auto.conf"))?;
+        extra.push_str(&format!("primary_conninfo = '{conninfo}'\nprimary_slot_name = '{slot}'\n"));
+        for setting in settings {
+            extra.push_str(setting);
+            extra.push('\n');
+        }
+        std::fs::write(data.join("postgresql.auto.conf"), extra)?;
+        let mut standby = Postgres {
+            port: free_port()?,
+            password: primary.password.clone(),
+            dir,
+            bindir: primary.bindir.clone(),
+            owner,
+            child: None,
+        };
+        standby.launch()?;
+        Ok(standby)
+    }
+
+    /// Promotes a standby (`pg_ctl promote`), waiting until it accepts writes.
+    pub fn promote(&self) -> io::Result<()> {
+        let mut promote = Command::new(self.bindir.join("pg_ctl"));
+        promote
+            .args(["promote", "-w", "-D"])
+            .arg(self.dir.join("data"))
+            .stdout(Stdio::null());
+        as_owner(&mut promote, self.owner);
+        let output = promote.output()?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "pg_ctl promote failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )))
+        }
+    }
+
     /// Stops and starts the server on the same port and data (`pg_ctl restart -m fast`).
     pub fn restart(&mut self) -> io::Result<()> {
         self.stop();
@@ -350,6 +436,9 @@ pub struct Options<'a> {
     pub hba: Option<&'a str>,
     /// Serve TLS with these files (and verify client certificates against its CA).
     pub tls: Option<&'a Certificates>,
+    /// The major version to run (see [`pg_bindir_for`]); default: `PG_BINDIR`, else the
+    /// newest Debian one.
+    pub major: Option<u32>,
 }
 
 /// A test certificate authority and what it signed: a server certificate for
@@ -456,6 +545,62 @@ pub fn pg_bindir() -> io::Result<PathBuf> {
             "no PostgreSQL server found: run scripts/install-deps or set PG_BINDIR",
         )
     })
+}
+
+/// The server programs of PostgreSQL `major`: `.tools/pg/<major>/bin` (installed by
+/// `scripts/install-deps`), else Debian's `/usr/lib/postgresql/<major>/bin`.
+pub fn pg_bindir_for(major: u32) -> io::Result<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    [
+        workspace.join(format!(".tools/pg/{major}/bin")),
+        PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
+    ]
+    .into_iter()
+    .find(|dir| dir.join("postgres").exists())
+    .ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no PostgreSQL {major}: run OUTBOX_RELAY_TEST_PG_MAJORS={major} scripts/install-deps"),
+        )
+    })
+}
+
+/// The major versions whose server programs are installed (Debian's and `.tools/pg`).
+pub fn installed_majors() -> Vec<u32> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut majors: Vec<u32> = [workspace.join(".tools/pg"), PathBuf::from("/usr/lib/postgresql")]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten())
+        .filter(|entry| entry.path().join("bin/postgres").exists())
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .collect();
+    majors.sort_unstable();
+    majors.dedup();
+    majors
+}
+
+fn major_of(bindir: &Path) -> io::Result<u32> {
+    let output = Command::new(bindir.join("postgres")).arg("--version").output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split_whitespace()
+        .find_map(|word| word.split('.').next()?.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("cannot read the version from {text:?}")))
+}
+
+/// A client program (`pg_isready`, `pg_basebackup`): from `bindir`, else from the newest
+/// installed PostgreSQL that has it (the embedded builds ship only the server). Newer
+/// clients work with older servers.
+fn client_tool(bindir: &Path, name: &str) -> io::Result<PathBuf> {
+    if bindir.join(name).exists() {
+        return Ok(bindir.join(name));
+    }
+    installed_majors()
+        .into_iter()
+        .rev()
+        .filter_map(|major| pg_bindir_for(major).ok())
+        .map(|dir| dir.join(name))
+        .find(|path| path.exists())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no {name} found: run scripts/install-deps")))
 }
 
 /// PostgreSQL refuses to run as root: when we are root, run it as the `postgres` user.
