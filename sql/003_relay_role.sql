@@ -5,8 +5,11 @@
 -- used only by `run --retention` to remove rows whose events are published (revoke it if
 -- you do not use retention). Set the password afterwards, outside of version control:
 --     ALTER ROLE outbox_relay PASSWORD '...';
--- and allow it in pg_hba.conf for the "replication"-capable database connection, e.g.
---     host  app  outbox_relay  10.0.0.0/8  scram-sha-256
+-- and allow it in pg_hba.conf, over TLS, for the database (logical replication
+-- connections match the database's lines, not "replication"), e.g.
+--     hostssl  app  outbox_relay  10.0.0.0/8  scram-sha-256
+-- On Amazon RDS / Aurora, where REPLICATION cannot be granted, use instead:
+--     GRANT rds_replication TO outbox_relay;
 --
 -- Idempotent: safe to run again.
 DO $$

@@ -309,6 +309,7 @@ impl Relay {
                     if self.settings.slot_busy == SlotBusy::Exit {
                         return Err(RelayError::SlotBusy { slot, detail });
                     }
+                    self.health.set_standby(true);
                     if waiting_since.is_none() {
                         tracing::info!(%slot, %detail, "waiting for slot: another process holds it; taking over when it is released");
                         waiting_since = Some(std::time::Instant::now());
@@ -374,9 +375,8 @@ impl Relay {
                     if let Some(progress) = self.progress.as_mut() {
                         // The oldest transaction not confirmed, or else any not yet read,
                         // committed after everything published.
-                        self.published_before = progress
-                            .oldest_unconfirmed_commit_time()
-                            .or(self.last_read_commit_time);
+                        self.published_before =
+                            progress.oldest_unconfirmed_commit_time().or(self.last_read_commit_time);
                         progress.restart_stream();
                     }
                     backoff.wait(&mut shutdown).await;
@@ -406,7 +406,11 @@ impl Relay {
         let (client, server) = (connected.client, connected.server);
         let sql_error = |e: tokio_postgres::Error| SessionError::Restart(database.connect_error(&e).to_string());
         let info = slot::inspect(&client, &self.settings.slot).await.map_err(sql_error)?;
-        let host = database.servers().get(server).map(ToString::to_string).unwrap_or_default();
+        let host = database
+            .servers()
+            .get(server)
+            .map(ToString::to_string)
+            .unwrap_or_default();
         let in_recovery: bool = client
             .query_one("SELECT pg_is_in_recovery()", &[])
             .await

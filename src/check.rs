@@ -170,14 +170,22 @@ async fn postgres_checks(settings: &RelaySettings, report: &mut Report) {
     });
     report.items.extend(items);
     match failover::inspect(database, &client, server, &settings.slot).await {
-        Ok(readiness) => report.items.extend(readiness.findings(&settings.slot).into_iter().map(|finding| {
-            match finding.fix {
-                Some(fix) if !finding.ok => Item::warn(finding.what, fix),
-                _ => Item::pass(finding.what),
-            }
-        })),
+        Ok(readiness) => {
+            report.items.extend(
+                readiness
+                    .findings(&settings.slot)
+                    .into_iter()
+                    .map(|finding| match finding.fix {
+                        Some(fix) if !finding.ok => Item::warn(finding.what, fix),
+                        _ => Item::pass(finding.what),
+                    }),
+            )
+        }
         Err(error) => report.items.push(Item::warn(
-            format!("failover readiness could not be read: {}", database.connect_error(&error)),
+            format!(
+                "failover readiness could not be read: {}",
+                database.connect_error(&error)
+            ),
             "check that the role may read pg_replication_slots and settings",
         )),
     }
@@ -253,22 +261,41 @@ async fn wal_level(client: &Client) -> Result<Item, tokio_postgres::Error> {
     })
 }
 
+/// Roles of managed services that stand in for the REPLICATION attribute, and where.
+const MANAGED_REPLICATION_ROLES: [(&str, &str); 1] = [("rds_replication", "Amazon RDS / Aurora")];
+
 async fn replication_role(client: &Client) -> Result<Item, tokio_postgres::Error> {
     let row = client
         .query_one(
-            "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            "SELECT current_user::text, rolreplication, rolsuper FROM pg_roles WHERE rolname = current_user",
             &[],
         )
         .await?;
-    let (role, may): (String, bool) = (row.get(0), row.get(1));
-    Ok(if may {
-        Item::pass(format!("role {role} may stream replication (REPLICATION)"))
-    } else {
-        Item::fail(
-            format!("role {role} {LACKS_REPLICATION}, needed to stream the slot"),
-            format!("as a superuser: ALTER ROLE {role} REPLICATION; (or use the role of sql/003_relay_role.sql)"),
-        )
-    })
+    let (role, replication, superuser): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    if replication || superuser {
+        let how = if replication { "REPLICATION" } else { "superuser" };
+        return Ok(Item::pass(format!("role {role} may stream replication ({how})")));
+    }
+    for (managed, service) in MANAGED_REPLICATION_ROLES {
+        let member: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = $1 AND pg_has_role(current_user, r.oid, 'MEMBER'))",
+                &[&managed],
+            )
+            .await?
+            .get(0);
+        if member {
+            return Ok(Item::pass(format!(
+                "role {role} may stream replication (member of {managed}, {service})"
+            )));
+        }
+    }
+    Ok(Item::fail(
+        format!("role {role} {LACKS_REPLICATION}, needed to stream the slot"),
+        format!(
+            "as a superuser: ALTER ROLE {role} REPLICATION; on Amazon RDS/Aurora: GRANT rds_replication TO {role}; (or use the role of sql/003_relay_role.sql)"
+        ),
+    ))
 }
 
 async fn publication(settings: &RelaySettings, client: &Client) -> Result<Vec<Item>, tokio_postgres::Error> {
@@ -376,7 +403,11 @@ async fn slot_item(settings: &RelaySettings, client: &Client) -> Result<Item, to
 async fn heartbeat(client: &Client) -> Result<Item, tokio_postgres::Error> {
     let allowed: bool = client
         .query_one(
-            "SELECT has_function_privilege('pg_logical_emit_message(boolean, text, text)', 'EXECUTE')",
+            // The (boolean, text, text) form; PostgreSQL 17 added a fourth argument with a
+            // default, so the function is found by its arguments rather than named by them.
+            "SELECT coalesce(bool_or(has_function_privilege(oid, 'EXECUTE')), false) FROM pg_proc
+              WHERE proname = 'pg_logical_emit_message' AND pronamespace = 'pg_catalog'::regnamespace
+                AND proargtypes[2] = 'text'::regtype",
             &[],
         )
         .await?
@@ -386,7 +417,7 @@ async fn heartbeat(client: &Client) -> Result<Item, tokio_postgres::Error> {
     } else {
         Item::warn(
             "heartbeat: the role may not call pg_logical_emit_message, so the heartbeat stays off",
-            "GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <role>;",
+            "GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <role>; (PostgreSQL 17+: pg_logical_emit_message(boolean, text, text, boolean))",
         )
     })
 }

@@ -1,5 +1,6 @@
 //! The operations endpoint: `/metrics` (Prometheus), `/healthz` (the process answers),
-//! `/readyz` (streaming, Kafka answering and acknowledging, lag within the limit).
+//! `/readyz` (streaming, Kafka answering and acknowledging, lag within the limit; or a
+//! hot standby waiting for the slot, with Kafka answering).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -63,7 +64,7 @@ async fn metrics_text(State(shared): State<Shared>) -> ([(&'static str, &'static
 
 async fn readiness(State(shared): State<Shared>) -> (StatusCode, String) {
     match shared.health.readiness(&shared.metrics, shared.max_lag) {
-        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Ok(state) => (StatusCode::OK, format!("ready: {state}\n")),
         Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
     }
 }

@@ -202,6 +202,8 @@ impl Metrics {
 #[derive(Default)]
 pub struct Health {
     streaming: AtomicBool,
+    /// A hot standby: another relay holds the slot and this one waits to take over.
+    standby: AtomicBool,
     broker_reachable: AtomicBool,
     /// Milliseconds since `started` of the last acknowledgement (0: none yet).
     last_ack_ms: AtomicU64,
@@ -217,6 +219,14 @@ impl Health {
 
     pub fn set_streaming(&self, streaming: bool) {
         self.streaming.store(streaming, Ordering::Relaxed);
+        if streaming {
+            self.standby.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Another process holds the slot (`true`), or this relay stopped waiting for it.
+    pub fn set_standby(&self, standby: bool) {
+        self.standby.store(standby, Ordering::Relaxed);
     }
 
     pub fn set_broker_reachable(&self, reachable: bool) {
@@ -242,10 +252,15 @@ impl Health {
         (now.saturating_sub(oldest) as f64 / 1e6).max(0.0)
     }
 
-    /// `Ok` when ready; otherwise why not.
-    pub fn readiness(&self, metrics: &Metrics, max_lag: Duration) -> Result<(), String> {
+    /// `Ok` with what the relay is doing when ready (streaming, or a hot standby whose
+    /// PostgreSQL and Kafka answer, so that an orchestrator rolling the relays out sees
+    /// both up); otherwise why not.
+    pub fn readiness(&self, metrics: &Metrics, max_lag: Duration) -> Result<&'static str, String> {
         if !self.streaming.load(Ordering::Relaxed) {
-            return Err("not streaming (waiting for the slot, or PostgreSQL unreachable)".into());
+            if self.standby.load(Ordering::Relaxed) && self.broker_reachable.load(Ordering::Relaxed) {
+                return Ok("hot standby: another relay holds the slot");
+            }
+            return Err("not streaming (PostgreSQL unreachable, or starting)".into());
         }
         if !self.broker_reachable.load(Ordering::Relaxed) {
             return Err("Kafka does not answer".into());
@@ -261,7 +276,7 @@ impl Health {
         if lag > max_lag.as_secs_f64() {
             return Err(format!("lag {lag:.1} s exceeds {max_lag:?}"));
         }
-        Ok(())
+        Ok("streaming")
     }
 }
 

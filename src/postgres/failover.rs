@@ -20,12 +20,16 @@ use super::slot::{self, FAILOVER_SLOTS_SINCE};
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum StandbyCopy {
     /// Synced and persistent: usable after a promotion.
-    Synced { confirmed_flush_lsn: Option<String> },
+    Synced {
+        confirmed_flush_lsn: Option<String>,
+    },
     /// The standby has no usable copy (yet): missing, or still temporary.
     Missing,
     /// The host is not in recovery: not a standby of this primary.
     NotAStandby,
-    Unreachable { reason: String },
+    Unreachable {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -124,7 +128,11 @@ impl Readiness {
             what,
             fix: Some(fix.to_owned()),
         };
-        let pass = |what: String| Finding { ok: true, what, fix: None };
+        let pass = |what: String| Finding {
+            ok: true,
+            what,
+            fix: None,
+        };
         if self.server_major < FAILOVER_SLOTS_SINCE {
             return vec![warn(
                 format!(

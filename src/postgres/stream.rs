@@ -196,7 +196,10 @@ impl ReplicationStream {
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_default()
         };
-        let tls = rows.first().filter(|row| text(row, 0) == "true").map(|row| text(row, 1));
+        let tls = rows
+            .first()
+            .filter(|row| text(row, 0) == "true")
+            .map(|row| text(row, 1));
         Ok(Probe {
             system_id: system.system_id,
             timeline: system.timeline,

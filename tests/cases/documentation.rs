@@ -26,7 +26,7 @@ fn settings() -> BTreeSet<(String, String)> {
 fn environment_names_in(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-        if word.starts_with("OUTBOX_RELAY_") || word == "DATABASE_URL" || word == "KAFKA_BOOTSTRAP_SERVERS" {
+        if word.starts_with("OUTBOX_RELAY_") || word.starts_with("DATABASE_") || word == "KAFKA_BOOTSTRAP_SERVERS" {
             names.insert(word.to_owned());
         }
     }
@@ -49,7 +49,12 @@ fn readme_lists_every_setting_with_its_flag_and_variable() {
 #[test]
 fn docs_and_compose_name_no_setting_the_code_lacks() {
     let known: BTreeSet<String> = settings().into_iter().map(|(_, env)| env).collect();
-    for file in ["README.md", "docker-compose.yml", "docs/architecture.md"] {
+    for file in [
+        "README.md",
+        "docker-compose.yml",
+        "docs/architecture.md",
+        "deploy/kubernetes/deployment.yaml",
+    ] {
         for name in environment_names_in(&read(file)) {
             assert!(
                 known.contains(&name) || NOT_FLAGS.contains(&name.as_str()),
@@ -84,4 +89,40 @@ fn the_alert_rules_pass_promtool() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+#[test]
+fn the_kubernetes_manifests_are_valid() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let manifests: Vec<String> = std::fs::read_dir(format!("{root}/deploy/kubernetes"))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path().display().to_string())
+        .filter(|path| path.ends_with(".yaml"))
+        .collect();
+    assert!(manifests.len() >= 2, "{manifests:?}");
+    // Installed by scripts/install-deps; validates offline against bundled schemas.
+    let output = std::process::Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict"])
+        .args(&manifests)
+        .env("PYTHONPATH", format!("{root}/.tools/py-k8s"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run kubernetes-validate ({e}); scripts/install-deps installs it"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    assert!(text.matches(" passed for resource ").count() >= 3, "{text}");
+    let deployment = read("deploy/kubernetes/deployment.yaml");
+    for expected in [
+        "replicas: 2",
+        "path: /readyz",
+        "path: /healthz",
+        "DATABASE_PASSWORD_FILE",
+        "secretName: outbox-relay-tls",
+    ] {
+        assert!(deployment.contains(expected), "deployment.yaml lacks {expected:?}");
+    }
 }

@@ -24,7 +24,11 @@ const STANDBY_SLOT: &str = "standby1";
 fn failover_majors() -> Vec<u32> {
     let mut majors = vec![18];
     if let Ok(list) = std::env::var("OUTBOX_RELAY_TEST_PG_MAJORS") {
-        majors.extend(list.split(',').filter_map(|m| m.trim().parse::<u32>().ok()).filter(|m| *m >= 17));
+        majors.extend(
+            list.split(',')
+                .filter_map(|m| m.trim().parse::<u32>().ok())
+                .filter(|m| *m >= 17),
+        );
     }
     majors.sort_unstable();
     majors.dedup();
@@ -70,7 +74,8 @@ impl Writers {
                 tokio::spawn(async move {
                     let mut seq = 0u64;
                     while !stop.load(Ordering::Relaxed) {
-                        let Ok((client, connection)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+                        let Ok((client, connection)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                        else {
                             tokio::time::sleep(Duration::from_millis(100)).await;
                             continue;
                         };
@@ -136,9 +141,24 @@ fn assert_exactly_once_in_order(rows: &[(String, String, u64)], records: &[Recor
     let missing: Vec<&&str> = expected.iter().filter(|id| !seen.contains_key(**id)).collect();
     let duplicated: Vec<(&String, &usize)> = seen.iter().filter(|(_, n)| **n > 1).collect();
     let phantom: Vec<&String> = seen.keys().filter(|id| !expected.contains(id.as_str())).collect();
-    assert!(missing.is_empty(), "{} events missing, e.g. {:?}", missing.len(), missing.first());
-    assert!(duplicated.is_empty(), "{} events duplicated, e.g. {:?}", duplicated.len(), duplicated.first());
-    assert!(phantom.is_empty(), "{} phantom events (not in the promoted table), e.g. {:?}", phantom.len(), phantom.first());
+    assert!(
+        missing.is_empty(),
+        "{} events missing, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    assert!(
+        duplicated.is_empty(),
+        "{} events duplicated, e.g. {:?}",
+        duplicated.len(),
+        duplicated.first()
+    );
+    assert!(
+        phantom.is_empty(),
+        "{} phantom events (not in the promoted table), e.g. {:?}",
+        phantom.len(),
+        phantom.first()
+    );
     let mut last: HashMap<String, u64> = HashMap::new();
     for record in records {
         let seq = record.payload_json()["seq"].as_u64().unwrap_or(0);
@@ -158,43 +178,62 @@ async fn a_promoted_standby_resumes_from_the_synced_failover_slot() {
 
 async fn failover_with_failover_slots(major: u32) {
     let (mut primary, standby) = pair(major, &["sync_replication_slots = on", "hot_standby_feedback = on"]);
-    let mut db = TestDb::on(&primary, &crate::support::services().bootstrap_servers, &format!("fo{major}")).await;
+    let mut db = TestDb::on(
+        &primary,
+        &crate::support::services().bootstrap_servers,
+        &format!("fo{major}"),
+    )
+    .await;
     let admin = connect(&primary.url("postgres")).await;
-    admin
-        .batch_execute(&format!(
-            "ALTER SYSTEM SET synchronized_standby_slots = '{STANDBY_SLOT}'; SELECT pg_reload_conf()"
-        ))
-        .await
-        .unwrap();
+    for statement in [
+        format!("ALTER SYSTEM SET synchronized_standby_slots = '{STANDBY_SLOT}'"),
+        "SELECT pg_reload_conf()".to_owned(),
+    ] {
+        admin.batch_execute(&statement).await.unwrap();
+    }
     db.url = multi_host_url(&db, &primary, &standby);
     let mut relay = db.relay_with(&["--reconnect-backoff-max", "1s", "--heartbeat-interval", "1s"]);
     let writers = Writers::start(&db.url, 2);
 
     // check sees the failover slot, the setting and the standby's synced copy.
-    let check_text = eventually(Duration::from_secs(120), "the standby to hold a synced copy of the slot", || async {
-        let output = command()
-            .arg("check")
-            .env("DATABASE_URL", &db.url)
-            .env("KAFKA_BOOTSTRAP_SERVERS", &db.bootstrap_servers)
-            .env("OUTBOX_RELAY_SLOT", &db.slot)
-            .env("OUTBOX_RELAY_DEAD_LETTER_TOPIC", format!("{}.dlq", db.name))
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        text.contains("holds a synced copy").then_some(text)
-    })
+    let check_text = eventually(
+        Duration::from_secs(120),
+        "the standby to hold a synced copy of the slot",
+        || async {
+            let output = command()
+                .arg("check")
+                .env("DATABASE_URL", &db.url)
+                .env("KAFKA_BOOTSTRAP_SERVERS", &db.bootstrap_servers)
+                .env("OUTBOX_RELAY_SLOT", &db.slot)
+                .env("OUTBOX_RELAY_DEAD_LETTER_TOPIC", format!("{}.dlq", db.name))
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&output.stdout).into_owned();
+            text.contains("holds a synced copy").then_some(text)
+        },
+    )
     .await;
-    assert!(check_text.contains(&format!("[ok  ] slot {} is failover-enabled", db.slot)), "{check_text}");
-    assert!(check_text.contains("[ok  ] synchronized_standby_slots = 'standby1'"), "{check_text}");
+    assert!(
+        check_text.contains(&format!("[ok  ] slot {} is failover-enabled", db.slot)),
+        "{check_text}"
+    );
+    assert!(
+        check_text.contains("[ok  ] synchronized_standby_slots = 'standby1'"),
+        "{check_text}"
+    );
 
     let mut consumer = Consumer::new(&db.bootstrap_servers, &[db.topic("order")]);
-    consumer.read_until(Duration::from_secs(60), "events before the failover", |r| r.len() >= 200);
+    consumer.read_until(Duration::from_secs(60), "events before the failover", |r| {
+        r.len() >= 200
+    });
     primary.crash();
     standby.promote().unwrap_or_else(|e| panic!("{e}"));
     let at_promotion = writers.committed();
-    eventually(Duration::from_secs(60), "writers to commit on the promoted server", || async {
-        (writers.committed() >= at_promotion + 200).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "writers to commit on the promoted server",
+        || async { (writers.committed() >= at_promotion + 200).then_some(()) },
+    )
     .await;
     writers.stop().await;
 
@@ -208,13 +247,22 @@ async fn failover_with_failover_slots(major: u32) {
     assert!(relay.is_running(), "the relay exited:\n{}", relay.log_text());
     assert_exactly_once_in_order(&rows, &consumer.records);
     let log = relay.log_text();
-    assert!(log.contains("waiting for a primary") || log.contains("target_session_attrs"), "{log}");
+    let resumed = format!("streaming slot={} publication=outbox_pub", db.slot);
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&resumed) && l.contains(&format!("server=127.0.0.1:{}", standby.port))),
+        "the relay did not resume on the promoted server:\n{log}"
+    );
     println!(
         "PostgreSQL {major}: {} events, {} after the promotion, exactly once across the failover",
         rows.len(),
         rows.len() as u64 - at_promotion.min(rows.len() as u64)
     );
-    assert!(relay.terminate(Duration::from_secs(15)).success(), "{}", relay.log_text());
+    assert!(
+        relay.terminate(Duration::from_secs(15)).success(),
+        "{}",
+        relay.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -226,13 +274,18 @@ async fn without_failover_slots_the_relay_exits_3_and_the_runbook_republishes() 
     let mut relay = db.relay_with(&["--reconnect-backoff-max", "1s"]);
     let writers = Writers::start(&db.url, 2);
     let mut consumer = Consumer::new(&db.bootstrap_servers, &[db.topic("order")]);
-    consumer.read_until(Duration::from_secs(60), "events before the failover", |r| r.len() >= 100);
+    consumer.read_until(Duration::from_secs(60), "events before the failover", |r| {
+        r.len() >= 100
+    });
     primary.crash();
     standby.promote().unwrap_or_else(|e| panic!("{e}"));
     let status = relay.wait_exit(Duration::from_secs(90));
     let log = relay.log_text();
     assert_eq!(status.code(), Some(3), "{log}");
-    assert!(log.contains("is gone") && log.contains("docs/operations.md#failover-without-failover-slots"), "{log}");
+    assert!(
+        log.contains("is gone") && log.contains("docs/operations.md#failover-without-failover-slots"),
+        "{log}"
+    );
     let published_before = log
         .split("Every event committed before ")
         .nth(1)
@@ -240,9 +293,11 @@ async fn without_failover_slots_the_relay_exits_3_and_the_runbook_republishes() 
         .unwrap_or_else(|| panic!("no time in the message:\n{log}"))
         .to_owned();
     let at_exit = writers.committed();
-    eventually(Duration::from_secs(60), "writers to commit on the promoted server", || async {
-        (writers.committed() >= at_exit + 50).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "writers to commit on the promoted server",
+        || async { (writers.committed() >= at_exit + 50).then_some(()) },
+    )
     .await;
 
     // The runbook: recreate the slot, start the relay, republish what may be missing.
@@ -250,13 +305,24 @@ async fn without_failover_slots_the_relay_exits_3_and_the_runbook_republishes() 
     let mut relay = db.relay();
     writers.stop().await;
     let promoted = connect(&standby.url(&db.name)).await;
-    promoted.batch_execute(&runbook_republish(&published_before)).await.unwrap();
+    promoted
+        .batch_execute(&runbook_republish(&published_before))
+        .await
+        .unwrap();
     let rows = table_rows(&standby.url(&db.name)).await;
-    consumer.read_until(Duration::from_secs(120), "every row of the promoted table after the runbook", |records| {
-        let ids: HashSet<String> = records.iter().map(Record::id).collect();
-        rows.iter().all(|(id, _, _)| ids.contains(id))
-    });
-    assert!(relay.terminate(Duration::from_secs(15)).success(), "{}", relay.log_text());
+    consumer.read_until(
+        Duration::from_secs(120),
+        "every row of the promoted table after the runbook",
+        |records| {
+            let ids: HashSet<String> = records.iter().map(Record::id).collect();
+            rows.iter().all(|(id, _, _)| ids.contains(id))
+        },
+    );
+    assert!(
+        relay.terminate(Duration::from_secs(15)).success(),
+        "{}",
+        relay.log_text()
+    );
 }
 
 /// The republishing statement of docs/operations.md's runbook, for `since`.

@@ -138,6 +138,14 @@ async fn a_standby_relay_takes_over_when_the_active_one_dies() {
         standby.log_text().contains("waiting for slot").then_some(())
     })
     .await;
+    // Both are ready for an orchestrator: one streaming, one a hot standby.
+    let (code, body) = crate::support::eventually(Duration::from_secs(30), "the standby to be ready", || async {
+        let answer = standby.get("/readyz");
+        (answer.0 == 200).then_some(answer)
+    })
+    .await;
+    assert!(code == 200 && body.contains("hot standby"), "{body}");
+    assert_eq!(standby.metric("outbox_relay_streaming"), 0.0);
     consumer.read_until(Duration::from_secs(60), "events flowing", |records| {
         records.len() >= 500
     });

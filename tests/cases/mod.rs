@@ -10,3 +10,4 @@ mod large_transaction;
 mod operations;
 mod startup_errors;
 mod tls;
+mod versions;

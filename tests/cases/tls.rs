@@ -60,6 +60,7 @@ fn tls_server() -> &'static TlsServer {
         let postgres = devrig::Postgres::start_configured(&devrig::Options {
             hba: Some(TLS_ONLY_HBA),
             tls: Some(&certificates),
+            major: Some(debian_major()),
             ..devrig::Options::default()
         })
         .unwrap_or_else(|e| panic!("cannot start the TLS-only PostgreSQL: {e}"));
@@ -236,6 +237,7 @@ async fn an_expired_server_certificate_is_named() {
     let postgres = devrig::Postgres::start_configured(&devrig::Options {
         hba: Some(TLS_ONLY_HBA),
         tls: Some(&expired),
+        major: Some(debian_major()),
         ..devrig::Options::default()
     })
     .unwrap_or_else(|e| panic!("{e}"));
@@ -249,6 +251,11 @@ async fn an_expired_server_certificate_is_named() {
     let text = String::from_utf8_lossy(&output.stderr);
     assert_ne!(output.status.code(), Some(0), "{text}");
     assert!(text.contains("does not verify: expired"), "{text}");
+}
+
+/// TLS cases run on Debian's PostgreSQL (built with OpenSSL), whatever `PG_BINDIR` says.
+fn debian_major() -> u32 {
+    devrig::debian_major().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `url` pointed at `db`'s database.

@@ -364,7 +364,9 @@ impl Postgres {
         }
         // After the copied settings and -R's lines: later lines win.
         let mut extra = std::fs::read_to_string(data.join("postgresql.auto.conf"))?;
-        extra.push_str(&format!("primary_conninfo = '{conninfo}'\nprimary_slot_name = '{slot}'\n"));
+        extra.push_str(&format!(
+            "primary_conninfo = '{conninfo}'\nprimary_slot_name = '{slot}'\n"
+        ));
         for setting in settings {
             extra.push_str(setting);
             extra.push('\n');
@@ -565,6 +567,22 @@ pub fn pg_bindir_for(major: u32) -> io::Result<PathBuf> {
     })
 }
 
+/// The newest PostgreSQL from Debian's packages: built with OpenSSL, so the one that
+/// serves TLS (the embedded builds of 18 have no OpenSSL).
+pub fn debian_major() -> io::Result<u32> {
+    std::fs::read_dir("/usr/lib/postgresql")?
+        .flatten()
+        .filter(|entry| entry.path().join("bin/postgres").exists())
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+        .max()
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                "no Debian PostgreSQL: run scripts/install-deps",
+            )
+        })
+}
+
 /// The major versions whose server programs are installed (Debian's and `.tools/pg`).
 pub fn installed_majors() -> Vec<u32> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -600,7 +618,12 @@ fn client_tool(bindir: &Path, name: &str) -> io::Result<PathBuf> {
         .filter_map(|major| pg_bindir_for(major).ok())
         .map(|dir| dir.join(name))
         .find(|path| path.exists())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no {name} found: run scripts/install-deps")))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no {name} found: run scripts/install-deps"),
+            )
+        })
 }
 
 /// PostgreSQL refuses to run as root: when we are root, run it as the `postgres` user.

@@ -1,0 +1,95 @@
+//! Issue 9, PostgreSQL 14 to 18: `setup`, `check`, `run` and `status` on each major. The
+//! whole suite runs on Debian's PostgreSQL (15); this case runs on 18 by default and on
+//! every major listed in `OUTBOX_RELAY_TEST_PG_MAJORS` (`scripts/install-deps` installs
+//! them). `PG_BINDIR=.tools/pg/17/bin scripts/test` runs the whole suite on another major.
+
+use std::time::Duration;
+
+use crate::support::kafka::Consumer;
+use crate::support::relay::command;
+use crate::support::TestDb;
+
+fn majors() -> Vec<u32> {
+    let mut majors = vec![18];
+    if let Ok(list) = std::env::var("OUTBOX_RELAY_TEST_PG_MAJORS") {
+        majors.extend(list.split(',').filter_map(|m| m.trim().parse::<u32>().ok()));
+    }
+    majors.sort_unstable();
+    majors.dedup();
+    majors
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_check_run_and_status_work_on_each_major() {
+    for major in majors() {
+        core_path(major).await;
+    }
+}
+
+async fn core_path(major: u32) {
+    let postgres = devrig::Postgres::start_configured(&devrig::Options {
+        major: Some(major),
+        ..devrig::Options::default()
+    })
+    .unwrap_or_else(|e| panic!("cannot start PostgreSQL {major}: {e}"));
+    assert_eq!(postgres.major().unwrap(), major);
+    let db = TestDb::on(
+        &postgres,
+        &crate::support::services().bootstrap_servers,
+        &format!("v{major}"),
+    )
+    .await;
+    let output = command()
+        .arg("check")
+        .env("DATABASE_URL", &db.url)
+        .env("KAFKA_BOOTSTRAP_SERVERS", &db.bootstrap_servers)
+        .env("OUTBOX_RELAY_SLOT", &db.slot)
+        .env("OUTBOX_RELAY_DEAD_LETTER_TOPIC", format!("{}.dlq", db.name))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "PostgreSQL {major}: {text}");
+    let failover_line = if major >= 17 {
+        format!("[ok  ] slot {} is failover-enabled", db.slot)
+    } else {
+        format!("[warn] PostgreSQL {major} has no failover slots")
+    };
+    assert!(text.contains(&failover_line), "PostgreSQL {major}: {text}");
+
+    let mut relay = db.relay();
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(
+            db.insert_event("order", &format!("o-{}", n % 3), &format!(r#"{{"n": {n}}}"#))
+                .await,
+        );
+    }
+    let mut consumer = Consumer::new(&db.bootstrap_servers, &[db.topic("order")]);
+    consumer.read_until(
+        Duration::from_secs(60),
+        &format!("20 events from PostgreSQL {major}"),
+        |records| ids.iter().all(|id| records.iter().any(|r| &r.id() == id)),
+    );
+    db.wait_all_confirmed().await;
+    assert!(
+        relay.terminate(Duration::from_secs(15)).success(),
+        "{}",
+        relay.log_text()
+    );
+    let output = command()
+        .args(["status", "--json"])
+        .env("DATABASE_URL", &db.url)
+        .env("OUTBOX_RELAY_SLOT", &db.slot)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "PostgreSQL {major}: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(status["failover"]["server_major"], major);
+    println!("PostgreSQL {major}: setup, check, run (20 events) and status work");
+}
