@@ -125,6 +125,110 @@ impl Row {
     }
 }
 
+/// Writes `events` outbox rows in `scenario`'s transactions; returns the WAL position
+/// after them.
+pub async fn write_backlog(client: &tokio_postgres::Client, scenario: Scenario, events: u64) -> String {
+    let started = Instant::now();
+    let commit = match scenario.per_transaction {
+        Some(size) => format!("IF i % {size} = 0 THEN COMMIT; END IF;"),
+        None => String::new(),
+    };
+    client
+        .batch_execute(&format!(
+            "DO $$ BEGIN FOR i IN 1..{events} LOOP
+               INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+               VALUES ('bench', 'k' || (i % 1000), 'Bench', jsonb_build_object('i', i));
+               {commit}
+             END LOOP; END $$"
+        ))
+        .await
+        .expect("backlog");
+    let target: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .expect("lsn")
+        .get(0);
+    println!(
+        "{}: {events} events written in {:.1} s, WAL up to {target}",
+        scenario.name,
+        started.elapsed().as_secs_f64()
+    );
+    target
+}
+
+/// `pg_recvlogical` reads `slot` through `url` (libpq's URL, TLS settings included) up to
+/// `target` into /dev/null; returns the seconds it took.
+pub fn recvlogical_drain(url: &str, slot: &str, target: &str) -> f64 {
+    let bindir = devrig::pg_bindir().expect("PostgreSQL bin dir");
+    let started = Instant::now();
+    let status = Command::new(bindir.join("pg_recvlogical"))
+        .args(["-d", url, "--slot", slot, "--start", "-f", "/dev/null"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=outbox_pub"])
+        .args(["--no-loop", "-E", target])
+        .stderr(Stdio::null())
+        .status()
+        .expect("pg_recvlogical");
+    assert!(status.success(), "pg_recvlogical failed");
+    started.elapsed().as_secs_f64()
+}
+
+/// What one relay drain took.
+pub struct RelayDrain {
+    /// Until the relay's own confirmed LSN reached the end.
+    pub secs: f64,
+    /// Until the slot's confirmed_flush_lsn did.
+    pub slot_secs: f64,
+    pub cpu: f64,
+    pub rss: f64,
+}
+
+/// Runs `outbox-relay run` on `slot` through `url` until it has confirmed `target`, then
+/// stops it. Topics are `<topic_prefix>.<aggregate_type>`.
+pub async fn relay_drain(
+    url: &str,
+    bootstrap: &str,
+    slot: &str,
+    topic_prefix: &str,
+    target: &str,
+    client: &tokio_postgres::Client,
+) -> RelayDrain {
+    let port = devrig::free_port().expect("a free port");
+    let started = Instant::now();
+    let mut relay = Command::new(rig::relay_binary())
+        .arg("run")
+        .env("DATABASE_URL", url)
+        .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
+        .env("OUTBOX_RELAY_SLOT", slot)
+        .env(
+            "OUTBOX_RELAY_TOPIC_TEMPLATE",
+            format!("{topic_prefix}.{{aggregate_type}}"),
+        )
+        .env("OUTBOX_RELAY_LOG", "warn")
+        .env("OUTBOX_RELAY_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("relay");
+    let end = target.parse::<outbox_relay::lsn::Lsn>().expect("an LSN").0;
+    while probe::relay_confirmed(port) < end {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    while !rig::reached(client, slot, target).await {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let slot_secs = started.elapsed().as_secs_f64();
+    let cpu = probe::cpu_seconds(relay.id());
+    let rss = probe::peak_rss_mib(relay.id());
+    devrig::kill(relay.id(), 15);
+    let _ = relay.wait();
+    RelayDrain {
+        secs,
+        slot_secs,
+        cpu,
+        rss,
+    }
+}
+
 /// Writes the backlog for `scenario` into a fresh database, then drains it with each reader.
 /// Debezium runs when `debezium_python` (see [`debezium::python`]) is given.
 pub async fn drain(
@@ -156,79 +260,26 @@ pub async fn drain(
     }
     poller::prepare(&client).await;
 
-    let started = Instant::now();
-    let commit = match scenario.per_transaction {
-        Some(size) => format!("IF i % {size} = 0 THEN COMMIT; END IF;"),
-        None => String::new(),
-    };
-    client
-        .batch_execute(&format!(
-            "DO $$ BEGIN FOR i IN 1..{events} LOOP
-               INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
-               VALUES ('bench', 'k' || (i % 1000), 'Bench', jsonb_build_object('i', i));
-               {commit}
-             END LOOP; END $$"
-        ))
-        .await
-        .expect("backlog");
-    let target: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .expect("lsn")
-        .get(0);
-    println!(
-        "{}: {events} events written in {:.1} s, WAL up to {target}",
-        scenario.name,
-        started.elapsed().as_secs_f64()
-    );
+    let target = write_backlog(&client, scenario, events).await;
 
     // outbox-relay: publish to Kafka and confirm.
-    let port = devrig::free_port().expect("a free port");
     let pg_before = probe::settled_postgres_cpu(postmaster).await;
-    let started = Instant::now();
-    let mut relay = Command::new(rig::relay_binary())
-        .arg("run")
-        .env("DATABASE_URL", &url)
-        .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
-        .env("OUTBOX_RELAY_SLOT", &relay_slot)
-        .env(
-            "OUTBOX_RELAY_TOPIC_TEMPLATE",
-            format!("bench{run}{tag}.{{aggregate_type}}"),
-        )
-        .env("OUTBOX_RELAY_LOG", "warn")
-        .env("OUTBOX_RELAY_METRICS_ADDR", format!("127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("relay");
-    let end = target.parse::<outbox_relay::lsn::Lsn>().expect("an LSN").0;
-    while probe::relay_confirmed(port) < end {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let relay_secs = started.elapsed().as_secs_f64();
-    while !rig::reached(&client, &relay_slot, &target).await {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let slot_secs = started.elapsed().as_secs_f64();
+    let relay = relay_drain(
+        &url,
+        bootstrap,
+        &relay_slot,
+        &format!("bench{run}{tag}"),
+        &target,
+        &client,
+    )
+    .await;
     let pg_relay = probe::settled_postgres_cpu(postmaster).await - pg_before;
-    let relay_cpu = probe::cpu_seconds(relay.id());
-    let relay_rss = probe::peak_rss_mib(relay.id());
-    devrig::kill(relay.id(), 15);
-    let _ = relay.wait();
+    let (relay_secs, slot_secs, relay_cpu, relay_rss) = (relay.secs, relay.slot_secs, relay.cpu, relay.rss);
 
     // pg_recvlogical: read the same backlog from the twin slot, discard it.
-    let bindir = devrig::pg_bindir().expect("PostgreSQL bin dir");
     let pg_before = probe::settled_postgres_cpu(postmaster).await;
-    let started = Instant::now();
-    let status = Command::new(bindir.join("pg_recvlogical"))
-        .args(["-d", &url, "--slot", &reader_slot, "--start", "-f", "/dev/null"])
-        .args(["-o", "proto_version=1", "-o", "publication_names=outbox_pub"])
-        .args(["--no-loop", "-E", &target])
-        .stderr(Stdio::null())
-        .status()
-        .expect("pg_recvlogical");
-    let reader_secs = started.elapsed().as_secs_f64();
+    let reader_secs = recvlogical_drain(&url, &reader_slot, &target);
     let pg_reader = probe::settled_postgres_cpu(postmaster).await - pg_before;
-    assert!(status.success(), "pg_recvlogical failed");
     println!(
         "{}: outbox-relay {relay_secs:.2} s (confirmed at {}), pg_recvlogical {reader_secs:.2} s",
         scenario.name,

@@ -2,11 +2,13 @@
 //!
 //! - Backlog drain (`drain`): the same backlog in three shapes, drained by outbox-relay,
 //!   `pg_recvlogical`, Debezium's embedded engine and a polling relay.
+//! - TLS (`tls`): the single-row backlog drained by the relay over plain text and over TLS
+//!   (verify-full), and by `pg_recvlogical` over TLS.
 //! - The broker alone (`broker`): a plain producer, the ceiling the broker sets.
 //! - Steady state (`steady`): single-row transactions at fixed rates and at the most the
 //!   database accepts; commit-to-consumer latency and PostgreSQL CPU, relay and poller.
 //!
-//! Usage: outbox-bench [--events N] [--seconds S] [--quick] [--scenario a|b|c|broker|steady]
+//! Usage: outbox-bench [--events N] [--seconds S] [--quick] [--scenario a|b|c|tls|broker|steady]
 //! [--publisher writeronly|relay|poller|pgrecvlogical] [--rates 0,1000,5000,max] [--no-debezium]
 //! [--write FILE.md] (default 1,000,000 events, rates 0, 1k, 5k and max for 60 s each;
 //! --quick, under two minutes: 50,000 events and 5 s per rate, no writer-only runs;
@@ -24,6 +26,7 @@ mod probe;
 mod report;
 mod rig;
 mod steady;
+mod tls;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -82,6 +85,11 @@ async fn main() {
                 .await,
             );
         }
+    }
+    if wanted("tls") {
+        let row = tls::drain(events, &bootstrap).await;
+        println!("{}", row.markdown());
+        results.tls = Some(row);
     }
     if wanted("broker") {
         let topic = format!("broker{}.alone", std::process::id());

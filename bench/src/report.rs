@@ -6,13 +6,14 @@ use std::process::Command;
 
 use serde_json::json;
 
-use crate::{broker, drain, probe, steady};
+use crate::{broker, drain, probe, steady, tls};
 
 #[derive(Default)]
 pub struct Results {
     pub drains: Vec<drain::Row>,
     pub broker: Option<broker::Baseline>,
     pub steady: Vec<steady::Steady>,
+    pub tls: Option<tls::Row>,
 }
 
 impl Results {
@@ -32,6 +33,13 @@ impl Results {
                 table.push_str(&row.resources_markdown());
                 table.push('\n');
             }
+        }
+        if let Some(row) = &self.tls {
+            table.push_str(&format!(
+                "\nThe relay over TLS (verify-full) and plain text, one backlog:\n\n{}\n{}\n",
+                tls::HEADER,
+                row.markdown()
+            ));
         }
         if let Some(baseline) = &self.broker {
             table.push_str(&format!(
@@ -82,7 +90,18 @@ impl Results {
                 })
             })
             .collect();
+        let tls = self.tls.as_ref().map(|row| {
+            let n = row.events as f64;
+            json!({
+                "events": row.events,
+                "relay_plain": n / row.plain.secs,
+                "relay_tls": n / row.tls.secs,
+                "pg_recvlogical_plain": n / row.recvlogical_plain_secs,
+                "pg_recvlogical_tls": n / row.recvlogical_tls_secs,
+            })
+        });
         json!({
+            "tls": tls,
             "drains": drains,
             "broker": self.broker.map(|b| b.events as f64 / b.secs),
             "steady": steady,
