@@ -6,7 +6,7 @@
 //! exits with code 3 and the runbook's message, and the runbook republishes the rest.
 //!
 //! Runs on PostgreSQL 18 and 15 by default, and on every major >= 17 listed in
-//! `OUTBOX_RELAY_TEST_PG_MAJORS` (installed by `scripts/install-deps`).
+//! `TEST_PG_MAJORS` (installed by `scripts/install-deps`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,7 +23,7 @@ const STANDBY_SLOT: &str = "standby1";
 /// The majors to run the failover-slot case on.
 fn failover_majors() -> Vec<u32> {
     let mut majors = vec![18];
-    if let Ok(list) = std::env::var("OUTBOX_RELAY_TEST_PG_MAJORS") {
+    if let Ok(list) = std::env::var("TEST_PG_MAJORS") {
         majors.extend(
             list.split(',')
                 .filter_map(|m| m.trim().parse::<u32>().ok())

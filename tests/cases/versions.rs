@@ -1,6 +1,6 @@
 //! Issue 9, PostgreSQL 14 to 18: `setup`, `check`, `run` and `status` on each major. The
 //! whole suite runs on Debian's PostgreSQL (15); this case runs on 18 by default and on
-//! every major listed in `OUTBOX_RELAY_TEST_PG_MAJORS` (`scripts/install-deps` installs
+//! every major listed in `TEST_PG_MAJORS` (`scripts/install-deps` installs
 //! them). `PG_BINDIR=.tools/pg/17/bin scripts/test` runs the whole suite on another major.
 
 use std::time::Duration;
@@ -11,7 +11,7 @@ use crate::support::TestDb;
 
 fn majors() -> Vec<u32> {
     let mut majors = vec![18];
-    if let Ok(list) = std::env::var("OUTBOX_RELAY_TEST_PG_MAJORS") {
+    if let Ok(list) = std::env::var("TEST_PG_MAJORS") {
         majors.extend(list.split(',').filter_map(|m| m.trim().parse::<u32>().ok()));
     }
     majors.sort_unstable();

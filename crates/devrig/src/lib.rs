@@ -562,7 +562,7 @@ pub fn pg_bindir_for(major: u32) -> io::Result<PathBuf> {
     .ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
-            format!("no PostgreSQL {major}: run OUTBOX_RELAY_TEST_PG_MAJORS={major} scripts/install-deps"),
+            format!("no PostgreSQL {major}: run TEST_PG_MAJORS={major} scripts/install-deps"),
         )
     })
 }
