@@ -1,7 +1,7 @@
 //! Issue 9, PostgreSQL 14 to 18: `setup`, `check`, `run` and `status` on each major. The
 //! whole suite runs on Debian's PostgreSQL (15); this case runs on 18 by default and on
 //! every major listed in `TEST_PG_MAJORS` (`scripts/install-deps` installs
-//! them). `PG_BINDIR=.tools/pg/17/bin scripts/test` runs the whole suite on another major.
+//! them). `PG_BINDIR=<that major's bin directory> scripts/test` runs the whole suite on it.
 
 use std::time::Duration;
 

@@ -549,22 +549,31 @@ pub fn pg_bindir() -> io::Result<PathBuf> {
     })
 }
 
-/// The server programs of PostgreSQL `major`: `.tools/pg/<major>/bin` (installed by
-/// `scripts/install-deps`), else Debian's `/usr/lib/postgresql/<major>/bin`.
-pub fn pg_bindir_for(major: u32) -> io::Result<PathBuf> {
+/// Where `scripts/install-deps` puts PostgreSQL majors besides Debian's: a system
+/// directory when it runs as root (the postgres user must reach the programs), else
+/// `.tools/pg` in the workspace; each holds `<major>/bin`.
+fn installed_roots() -> [PathBuf; 3] {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     [
-        workspace.join(format!(".tools/pg/{major}/bin")),
-        PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
+        workspace.join(".tools/pg"),
+        PathBuf::from("/usr/local/lib/outbox-relay/pg"),
+        PathBuf::from("/usr/lib/postgresql"),
     ]
-    .into_iter()
-    .find(|dir| dir.join("postgres").exists())
-    .ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no PostgreSQL {major}: run TEST_PG_MAJORS={major} scripts/install-deps"),
-        )
-    })
+}
+
+/// The server programs of PostgreSQL `major`: installed by `scripts/install-deps` (see
+/// [`installed_roots`]), or Debian's `/usr/lib/postgresql/<major>/bin`.
+pub fn pg_bindir_for(major: u32) -> io::Result<PathBuf> {
+    installed_roots()
+        .into_iter()
+        .map(|root| root.join(major.to_string()).join("bin"))
+        .find(|dir| dir.join("postgres").exists())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no PostgreSQL {major}: run TEST_PG_MAJORS={major} scripts/install-deps"),
+            )
+        })
 }
 
 /// The newest PostgreSQL from Debian's packages: built with OpenSSL, so the one that
@@ -583,10 +592,9 @@ pub fn debian_major() -> io::Result<u32> {
         })
 }
 
-/// The major versions whose server programs are installed (Debian's and `.tools/pg`).
+/// The major versions whose server programs are installed (see [`installed_roots`]).
 pub fn installed_majors() -> Vec<u32> {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let mut majors: Vec<u32> = [workspace.join(".tools/pg"), PathBuf::from("/usr/lib/postgresql")]
+    let mut majors: Vec<u32> = installed_roots()
         .iter()
         .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten())
         .filter(|entry| entry.path().join("bin/postgres").exists())
