@@ -128,30 +128,23 @@ impl ReplicationStream {
         let attempts = database
             .replication_attempts(server, slot, publication)
             .map_err(|e| StreamError::Definite(e.message))?;
-        let count = attempts.len();
-        let mut last = None;
-        for (n, config) in attempts.into_iter().enumerate() {
+        let timeout = database.connect_timeout();
+        let client = first_accepted(attempts, |config| {
             let config = config
                 .with_start_lsn(start.into())
                 .with_ack_lsn(start.into())
                 .with_status_interval(STATUS_INTERVAL)
                 .with_wakeup_interval(STATUS_INTERVAL)
                 .with_feedback_observer(observer.clone());
-            match Self::connect(config, database.connect_timeout(), slot).await {
-                Ok(client) => {
-                    return Ok(ReplicationStream {
-                        client,
-                        slot: slot.to_owned(),
-                        feedback_sent,
-                        feedback_notify,
-                    })
-                }
-                // sslmode=allow: plain text refused, try TLS.
-                Err(error) if n + 1 < count && requires_tls(&error.to_string()) => last = Some(error),
-                Err(error) => return Err(error),
-            }
-        }
-        Err(last.unwrap_or_else(|| StreamError::Definite("no replication connection was attempted".into())))
+            Self::connect(config, timeout, slot)
+        })
+        .await?;
+        Ok(ReplicationStream {
+            client,
+            slot: slot.to_owned(),
+            feedback_sent,
+            feedback_notify,
+        })
     }
 
     async fn connect(
@@ -301,23 +294,38 @@ async fn gated_session(
     let attempts = database
         .replication_attempts(server, "outbox_relay", "outbox_relay")
         .map_err(|e| StreamError::Definite(e.message))?;
-    let count = attempts.len();
     let limit = database
         .connect_timeout()
         .map_or(Duration::from_secs(60), |t| t + CONNECT_GRACE);
-    let mut last = None;
-    for (n, config) in attempts.into_iter().enumerate() {
+    first_accepted(attempts, |config| async move {
         let error = |e| StreamError::from_pgwire(e, "");
         let opening = async {
             let mut client = ReplicationClient::connect_gated(config).await.map_err(error)?;
             let system = client.identify_system().await.map_err(error)?;
             Ok((client, system))
         };
-        let result = tokio::time::timeout(limit, opening)
+        tokio::time::timeout(limit, opening)
             .await
-            .unwrap_or_else(|_| Err(StreamError::Transient(format!("no answer within {limit:?}"))));
-        match result {
-            Ok(session) => return Ok(session),
+            .unwrap_or_else(|_| Err(StreamError::Transient(format!("no answer within {limit:?}"))))
+    })
+    .await
+}
+
+/// Tries each attempt's settings in turn (`sslmode=allow`: plain text, then TLS when
+/// PostgreSQL's reason says it requires TLS); the first that connects wins.
+async fn first_accepted<T, F, Fut>(
+    attempts: Vec<pgwire_replication::ReplicationConfig>,
+    mut connect: F,
+) -> Result<T, StreamError>
+where
+    F: FnMut(pgwire_replication::ReplicationConfig) -> Fut,
+    Fut: std::future::Future<Output = Result<T, StreamError>>,
+{
+    let count = attempts.len();
+    let mut last = None;
+    for (n, config) in attempts.into_iter().enumerate() {
+        match connect(config).await {
+            Ok(connected) => return Ok(connected),
             Err(error) if n + 1 < count && requires_tls(&error.to_string()) => last = Some(error),
             Err(error) => return Err(error),
         }
