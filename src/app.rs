@@ -153,6 +153,7 @@ pub async fn run(settings: RelaySettings, shutdown: Shutdown) -> Result<(), Rela
         confirmed,
         last_read_commit_time: None,
         published_before: None,
+        server_identity: None,
     };
     let result = relay.run(shutdown).await;
     let m = &relay.metrics;
@@ -254,6 +255,8 @@ struct Relay {
     /// When the last session ended: every transaction committed before this time
     /// (Unix microseconds) was published, for the message after a lost slot.
     published_before: Option<i64>,
+    /// The (system identifier, timeline) of the server the last session streamed from.
+    server_identity: Option<(String, String)>,
 }
 
 impl Relay {
@@ -446,7 +449,17 @@ impl Relay {
             .into());
         }
         let slot_position = info.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
-        let own = self.progress.as_ref().map_or(Lsn::ZERO, Progress::confirmed);
+        // This process's own confirmed position holds only on the server it was confirmed
+        // on. After a failover the new primary's WAL may have diverged below it (a change
+        // the old primary sent was never replicated), so resume from the slot's copy
+        // there; the fence skips what was already written.
+        let identity = slot::server_identity(&client).await.ok();
+        let same_server = identity.is_some() && identity == self.server_identity;
+        let own = match &self.progress {
+            Some(progress) if same_server => progress.confirmed(),
+            _ => Lsn::ZERO,
+        };
+        self.server_identity = identity;
         let start = slot_position.max(own);
         // Nothing is in flight between sessions, so progress can restart from here.
         self.progress = Some(Progress::new(start));

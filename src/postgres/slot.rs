@@ -149,6 +149,20 @@ pub async fn publication_exists(client: &Client, publication: &str) -> Result<bo
     Ok(row.is_some())
 }
 
+/// Which server this is: its system identifier (kept by standbys of it) and its current
+/// timeline (a promotion starts a new one). Equal identities have the same WAL history.
+/// Only on a primary (`pg_current_wal_lsn` fails during recovery).
+pub async fn server_identity(client: &Client) -> Result<(String, String), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT system_identifier::text, substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)
+               FROM pg_control_system()",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
 /// The server's major version (14, 15, ...).
 pub async fn server_major(client: &Client) -> Result<u32, tokio_postgres::Error> {
     let number: String = client.query_one("SHOW server_version_num", &[]).await?.get(0);

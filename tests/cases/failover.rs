@@ -226,8 +226,17 @@ async fn failover_with_failover_slots(major: u32) {
     consumer.read_until(Duration::from_secs(60), "events before the failover", |r| {
         r.len() >= 200
     });
+    let before = outbox_relay::postgres::slot::server_identity(&admin).await.unwrap();
     primary.crash();
     standby.promote().unwrap_or_else(|e| panic!("{e}"));
+    // What the relay tells servers apart by: the same cluster, a new timeline, so it
+    // resumes from the promoted server's copy of the slot rather than its own memory.
+    let promoted_admin = connect(&standby.url("postgres")).await;
+    let after = outbox_relay::postgres::slot::server_identity(&promoted_admin)
+        .await
+        .unwrap();
+    assert_eq!(before.0, after.0, "a promoted standby keeps the system identifier");
+    assert_ne!(before.1, after.1, "a promotion starts a new timeline");
     let at_promotion = writers.committed();
     eventually(
         Duration::from_secs(60),
