@@ -379,8 +379,9 @@ fn check_keyword(key: &str, value: &str) -> Result<(), String> {
         ("replication", _) => Err("replication= is set by the relay itself where it is needed; remove it".into()),
         ("hostaddr", _) => Err("hostaddr is not supported: give the address as host".into()),
         ("service", _) => Err("service (pg_service.conf) is not supported: give the settings in the URL".into()),
+        // The value is not quoted: a misspelt `password` would print the password.
         _ => Err(format!(
-            "the connection option {key}={value:?} is not supported by outbox-relay"
+            "the connection option {key:?} is not supported by outbox-relay"
         )),
     }
 }
@@ -466,45 +467,68 @@ fn tls_settings(
     })
 }
 
-/// A best-effort copy of a connection string without its password, for messages about a
-/// string that could not be parsed.
+/// Whether a keyword's value may appear in a message: the honoured and harmless ones,
+/// except the secrets. An unknown keyword may be a misspelt `password`, so its value is
+/// never shown.
+fn value_shown(key: &str) -> bool {
+    (HONOURED.contains(&key) || HARMLESS.contains(&key) || matches!(key, "gssencmode" | "sslnegotiation"))
+        && !matches!(key, "password" | "sslpassword")
+}
+
+fn masked(key: &str, value: &str) -> String {
+    if value_shown(key) {
+        format!("{key}={value}")
+    } else {
+        format!("{key}=***")
+    }
+}
+
+/// A copy of a connection string for messages about one that could not be used: the
+/// password and every value not known to be harmless are `***`.
 pub fn redact(url: &str) -> String {
     if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (before_query, query) = match url.split_once('?') {
+            Some((before, query)) => (before, Some(query)),
+            None => (url, None),
+        };
+        let rest = &before_query[scheme_end + 3..];
+        let authority_end = rest.find('/').unwrap_or(rest.len());
         let mut text = match rest[..authority_end].rfind('@') {
             Some(at) => match rest[..at].find(':') {
                 Some(colon) => format!("{}{}:***{}", &url[..scheme_end + 3], &rest[..colon], &rest[at..]),
-                None => url.to_owned(),
+                None => before_query.to_owned(),
             },
-            None => url.to_owned(),
+            None => before_query.to_owned(),
         };
-        for key in ["password=", "sslpassword="] {
-            while let Some(start) = text.find(key).filter(|&s| !text[s + key.len()..].starts_with("***")) {
-                let value_start = start + key.len();
-                let end = text[value_start..].find('&').map_or(text.len(), |e| value_start + e);
-                text.replace_range(value_start..end, "***");
-            }
+        if let Some(query) = query {
+            let parameters: Vec<String> = query
+                .split('&')
+                .map(|parameter| match parameter.split_once('=') {
+                    Some((key, value)) => masked(key, value),
+                    None => "***".to_owned(),
+                })
+                .collect();
+            text.push('?');
+            text.push_str(&parameters.join("&"));
         }
         return text;
     }
-    let mut out = Vec::new();
-    let mut hide_next = false;
-    for word in url.split_whitespace() {
-        if hide_next {
-            out.push("***".to_owned());
-            hide_next = false;
-            continue;
-        }
-        match word.split_once('=') {
-            Some((key, value)) if key == "password" || key == "sslpassword" => {
-                out.push(format!("{key}=***"));
-                hide_next = value.is_empty();
-            }
-            _ => out.push(word.to_owned()),
-        }
+    match conninfo::parse(url) {
+        Ok(pairs) => pairs
+            .iter()
+            .map(|(key, value)| masked(key, value))
+            .collect::<Vec<_>>()
+            .join(" "),
+        // Unreadable: the words cannot be trusted to split where values end.
+        Err(_) => url
+            .split_whitespace()
+            .map(|word| match word.split_once('=') {
+                Some((key, _)) => format!("{key}=***"),
+                None => "***".to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
     }
-    out.join(" ")
 }
 
 #[cfg(test)]
@@ -615,7 +639,7 @@ mod tests {
         );
         assert_eq!(
             redact("postgres://relay@db/app?password=s3cret&x=1"),
-            "postgres://relay@db/app?password=***&x=1"
+            "postgres://relay@db/app?password=***&x=***"
         );
         assert_eq!(
             redact("host=db user=relay password=s3cret"),
@@ -631,5 +655,19 @@ mod tests {
             "{error:?}"
         );
         assert!(Target::parse("postgres://u:pw@h/d", Some("/pw".into()), &|_| None).is_err());
+        let typo = parse("host=h user=u pasword=s3cret", &[])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(typo.contains("pasword") && !typo.contains("s3cret"), "{typo}");
+    }
+
+    proptest::proptest! {
+        /// Any text, however malformed, is read or refused with a message: never a panic.
+        #[test]
+        fn any_text_is_read_or_refused(text in ".{0,80}") {
+            let _ = Target::parse(&text, None, &|_| None);
+            let _ = Target::parse(&format!("postgres://{text}"), None, &|_| None);
+        }
     }
 }
