@@ -324,7 +324,7 @@ impl Relay {
                     }
                     continue;
                 }
-                Err(error) if streamed_once && error.to_string().contains("SQLSTATE 28P01") => {
+                Err(error) if streamed_once && error.is_authentication_failure() => {
                     tracing::error!(%error, "PostgreSQL rejected the password for replication; retrying");
                     backoff.wait(&mut shutdown).await;
                     continue;
@@ -344,13 +344,7 @@ impl Relay {
             if let Some(since) = waiting_since.take() {
                 tracing::info!(waited_ms = since.elapsed().as_millis() as u64, "took over the slot");
             }
-            let host = self
-                .settings
-                .database
-                .servers()
-                .get(server)
-                .map(ToString::to_string)
-                .unwrap_or_default();
+            let host = self.settings.database.server_label(server);
             tracing::info!(slot = %self.settings.slot, publication = %self.settings.publication, start = %start, server = %host, "streaming");
 
             let ended = self.pump(&mut stream, &mut shutdown).await;
@@ -409,11 +403,7 @@ impl Relay {
         let (client, server) = (connected.client, connected.server);
         let sql_error = |e: tokio_postgres::Error| SessionError::Restart(database.connect_error(&e).to_string());
         let info = slot::inspect(&client, &self.settings.slot).await.map_err(sql_error)?;
-        let host = database
-            .servers()
-            .get(server)
-            .map(ToString::to_string)
-            .unwrap_or_default();
+        let host = database.server_label(server);
         let in_recovery: bool = client
             .query_one("SELECT pg_is_in_recovery()", &[])
             .await

@@ -144,11 +144,7 @@ async fn postgres_checks(settings: &RelaySettings, report: &mut Report) {
         }
     };
     let (client, server) = (connected.client, connected.server);
-    let host = database
-        .servers()
-        .get(server)
-        .map(ToString::to_string)
-        .unwrap_or_default();
+    let host = database.server_label(server);
     let items = match postgres_items(settings, &client).await {
         Ok(items) => items,
         Err(error) => vec![Item::fail(

@@ -39,7 +39,7 @@ impl ConnectError {
     /// The server rejected the password (SQLSTATE 28P01). After the relay has streamed
     /// once this is retried: the secret may be half-way through a rotation.
     pub fn is_authentication_failure(&self) -> bool {
-        self.message.contains("(SQLSTATE 28P01)")
+        rejected_password(&self.message)
     }
 }
 
@@ -82,6 +82,15 @@ impl Database {
 
     pub fn servers(&self) -> &[Server] {
         &self.target.servers
+    }
+
+    /// `host:port` of server `index`, for messages.
+    pub fn server_label(&self, index: usize) -> String {
+        self.target
+            .servers
+            .get(index)
+            .map(ToString::to_string)
+            .unwrap_or_default()
     }
 
     /// The target as a URL without secrets, for messages.
@@ -171,21 +180,13 @@ impl Database {
             .ok_or_else(|| self.definite(format!("no server number {index}")))?;
         let password = self.target.password(server).map_err(|e| self.definite(e.to_string()))?;
         let modes = attempt_modes(self.target.tls.mode, server);
-        let mut last = None;
-        for (attempt, &mode) in modes.iter().enumerate() {
-            match self.connect_with(server, mode, password.as_ref()).await {
-                Ok(client) => return Ok(client),
-                // allow: plain text refused, try TLS.
-                Err(Attempt::Postgres(error))
-                    if attempt + 1 < modes.len() && requires_tls(&self.connect_error(&error).message) =>
-                {
-                    last = Some(self.connect_error(&error));
-                }
-                Err(Attempt::Postgres(error)) => return Err(self.connect_error(&error)),
-                Err(Attempt::Tls(error)) => return Err(self.definite(error.to_string())),
-            }
-        }
-        Err(last.unwrap_or_else(|| self.definite("no connection attempt was made".into())))
+        first_accepted(
+            modes,
+            |mode| self.connect_with(server, mode, password.as_ref()),
+            |error: &ConnectError| requires_tls(&error.message),
+        )
+        .await
+        .unwrap_or_else(|| Err(self.definite("no connection attempt was made".into())))
     }
 
     async fn connect_with(
@@ -193,7 +194,7 @@ impl Database {
         server: &Server,
         mode: SslMode,
         password: Option<&super::secret::Secret>,
-    ) -> Result<Client, Attempt> {
+    ) -> Result<Client, ConnectError> {
         let target = &self.target;
         let mut config = tokio_postgres::Config::new();
         config
@@ -227,13 +228,13 @@ impl Database {
         };
         config.ssl_mode(ssl_mode);
         if ssl_mode == tokio_postgres::config::SslMode::Disable {
-            let (client, connection) = config.connect(NoTls).await.map_err(Attempt::Postgres)?;
+            let (client, connection) = config.connect(NoTls).await.map_err(|e| self.connect_error(&e))?;
             tokio::spawn(watch_connection(connection));
             return Ok(client);
         }
-        let tls_config = tls::client_config(&target.tls).map_err(Attempt::Tls)?;
+        let tls_config = tls::client_config(&target.tls).map_err(|e| self.definite(e.to_string()))?;
         let connector = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config);
-        let (client, connection) = config.connect(connector).await.map_err(Attempt::Postgres)?;
+        let (client, connection) = config.connect(connector).await.map_err(|e| self.connect_error(&e))?;
         tokio::spawn(watch_connection(connection));
         Ok(client)
     }
@@ -333,6 +334,12 @@ impl Database {
 /// Why a replication connection cannot honour `channel_binding=require`.
 pub const CHANNEL_BINDING_UNSUPPORTED: &str = "channel_binding=require cannot be honoured on the replication connection: its client (pgwire-replication 0.5) authenticates with SCRAM-SHA-256 without channel binding, and the relay will not connect unbound when binding is required. Use channel_binding=prefer with sslmode=verify-full, which authenticates the server by its certificate (docs/adr/0007-one-tls-stack.md)";
 
+/// PostgreSQL's "password authentication failed" (SQLSTATE 28P01), in either client's
+/// error text.
+pub fn rejected_password(text: &str) -> bool {
+    text.contains("SQLSTATE 28P01")
+}
+
 /// The hint for a server that refuses plain text.
 pub const REQUIRES_TLS_HINT: &str = "the server accepts only TLS connections: set sslmode=require, or better sslmode=verify-full with sslrootcert=<the server's CA>";
 
@@ -351,9 +358,27 @@ fn attempt_modes(mode: SslMode, server: &Server) -> Vec<SslMode> {
     }
 }
 
-enum Attempt {
-    Postgres(tokio_postgres::Error),
-    Tls(tls::TlsError),
+/// Tries each attempt in turn and returns the first connection made; `sslmode=allow`
+/// makes two (plain text, then TLS), and the second is tried only when the first failed
+/// because the server requires TLS (`refused_plain`). `None` when there was no attempt.
+pub(super) async fn first_accepted<A, T, E, F, Fut>(
+    attempts: Vec<A>,
+    mut connect: F,
+    refused_plain: impl Fn(&E) -> bool,
+) -> Option<Result<T, E>>
+where
+    F: FnMut(A) -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let count = attempts.len();
+    let mut last = None;
+    for (n, attempt) in attempts.into_iter().enumerate() {
+        match connect(attempt).await {
+            Err(error) if n + 1 < count && refused_plain(&error) => last = Some(Err(error)),
+            done => return Some(done),
+        }
+    }
+    last
 }
 
 async fn watch_connection<F>(connection: F)

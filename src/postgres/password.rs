@@ -184,26 +184,11 @@ mod tests {
             ..Credentials::default()
         };
         let at = lookup("db", 5432, "app", "relay");
+        let read = || credentials.password(at).ok().flatten().map(|s| s.expose().to_owned());
         std::fs::write(&path, "first\n").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            credentials
-                .password(at)
-                .ok()
-                .flatten()
-                .map(|s| s.expose().to_owned())
-                .as_deref(),
-            Some("first")
-        );
+        assert_eq!(read().as_deref(), Some("first"));
         std::fs::write(&path, "rotated").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            credentials
-                .password(at)
-                .ok()
-                .flatten()
-                .map(|s| s.expose().to_owned())
-                .as_deref(),
-            Some("rotated")
-        );
+        assert_eq!(read().as_deref(), Some("rotated"));
         std::fs::write(&path, "").unwrap_or_else(|e| panic!("{e}"));
         assert!(credentials.password(at).is_err());
         let _ = std::fs::remove_dir_all(dir);

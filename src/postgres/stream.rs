@@ -15,7 +15,7 @@ use std::time::Duration;
 use pgwire_replication::{FeedbackObserver, PgWireError, ReplicationClient, ReplicationEvent};
 use tokio::sync::Notify;
 
-use super::connection::{requires_tls, Database, REQUIRES_TLS_HINT};
+use super::connection::{first_accepted, rejected_password, requires_tls, Database, REQUIRES_TLS_HINT};
 use super::pgoutput::{self, Begin, Commit, DecodeError, LogicalMessage, Message};
 use super::tls::explain_certificate_failure;
 use crate::lsn::Lsn;
@@ -61,6 +61,11 @@ pub enum StreamError {
 }
 
 impl StreamError {
+    /// PostgreSQL rejected the password (see [`super::connection::rejected_password`]).
+    pub fn is_authentication_failure(&self) -> bool {
+        rejected_password(&self.to_string())
+    }
+
     pub fn is_transient(&self) -> bool {
         matches!(self, StreamError::Transient(_) | StreamError::SlotInUse { .. })
     }
@@ -129,16 +134,21 @@ impl ReplicationStream {
             .replication_attempts(server, slot, publication)
             .map_err(|e| StreamError::Definite(e.message))?;
         let timeout = database.connect_timeout();
-        let client = first_accepted(attempts, |config| {
-            let config = config
-                .with_start_lsn(start.into())
-                .with_ack_lsn(start.into())
-                .with_status_interval(STATUS_INTERVAL)
-                .with_wakeup_interval(STATUS_INTERVAL)
-                .with_feedback_observer(observer.clone());
-            Self::connect(config, timeout, slot)
-        })
-        .await?;
+        let client = first_accepted(
+            attempts,
+            |config| {
+                let config = config
+                    .with_start_lsn(start.into())
+                    .with_ack_lsn(start.into())
+                    .with_status_interval(STATUS_INTERVAL)
+                    .with_wakeup_interval(STATUS_INTERVAL)
+                    .with_feedback_observer(observer.clone());
+                Self::connect(config, timeout, slot)
+            },
+            refused_plain,
+        )
+        .await
+        .unwrap_or_else(no_attempt)?;
         Ok(ReplicationStream {
             client,
             slot: slot.to_owned(),
@@ -297,38 +307,31 @@ async fn gated_session(
     let limit = database
         .connect_timeout()
         .map_or(Duration::from_secs(60), |t| t + CONNECT_GRACE);
-    first_accepted(attempts, |config| async move {
-        let error = |e| StreamError::from_pgwire(e, "");
-        let opening = async {
-            let mut client = ReplicationClient::connect_gated(config).await.map_err(error)?;
-            let system = client.identify_system().await.map_err(error)?;
-            Ok((client, system))
-        };
-        tokio::time::timeout(limit, opening)
-            .await
-            .unwrap_or_else(|_| Err(StreamError::Transient(format!("no answer within {limit:?}"))))
-    })
+    first_accepted(
+        attempts,
+        |config| async move {
+            let error = |e| StreamError::from_pgwire(e, "");
+            let opening = async {
+                let mut client = ReplicationClient::connect_gated(config).await.map_err(error)?;
+                let system = client.identify_system().await.map_err(error)?;
+                Ok((client, system))
+            };
+            tokio::time::timeout(limit, opening)
+                .await
+                .unwrap_or_else(|_| Err(StreamError::Transient(format!("no answer within {limit:?}"))))
+        },
+        refused_plain,
+    )
     .await
+    .unwrap_or_else(no_attempt)
 }
 
-/// Tries each attempt's settings in turn (`sslmode=allow`: plain text, then TLS when
-/// PostgreSQL's reason says it requires TLS); the first that connects wins.
-async fn first_accepted<T, F, Fut>(
-    attempts: Vec<pgwire_replication::ReplicationConfig>,
-    mut connect: F,
-) -> Result<T, StreamError>
-where
-    F: FnMut(pgwire_replication::ReplicationConfig) -> Fut,
-    Fut: std::future::Future<Output = Result<T, StreamError>>,
-{
-    let count = attempts.len();
-    let mut last = None;
-    for (n, config) in attempts.into_iter().enumerate() {
-        match connect(config).await {
-            Ok(connected) => return Ok(connected),
-            Err(error) if n + 1 < count && requires_tls(&error.to_string()) => last = Some(error),
-            Err(error) => return Err(error),
-        }
-    }
-    Err(last.unwrap_or_else(|| StreamError::Definite("no replication connection was attempted".into())))
+/// How attempts end when there were none to make.
+fn no_attempt<T>() -> Result<T, StreamError> {
+    Err(StreamError::Definite("no replication connection was attempted".into()))
+}
+
+/// A replication attempt refused because the server requires TLS (`sslmode=allow`).
+fn refused_plain(error: &StreamError) -> bool {
+    requires_tls(&error.to_string())
 }

@@ -8,14 +8,9 @@ use crate::support::{services, TestDb};
 
 /// Runs `outbox-relay check` against `db` (its URL may be overridden in `extra_env`).
 fn check(db: &TestDb, args: &[&str], extra_env: &[(&str, &str)]) -> (String, Output) {
-    let output = command()
-        .arg("check")
+    let output = db
+        .command("check")
         .args(args)
-        .env("DATABASE_URL", &db.url)
-        .env("KAFKA_BOOTSTRAP_SERVERS", &db.bootstrap_servers)
-        .env("OUTBOX_RELAY_SLOT", &db.slot)
-        .env("OUTBOX_RELAY_TOPIC_TEMPLATE", &db.topic_template)
-        .env("OUTBOX_RELAY_DEAD_LETTER_TOPIC", format!("{}.dlq", db.name))
         .envs(extra_env.iter().copied())
         .output()
         .unwrap();

@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use crate::support::kafka::Consumer;
-use crate::support::relay::command;
 use crate::support::{eventually, TestDb};
 
 /// A login role of the test's own, with `password`; returns its name.
@@ -90,10 +89,9 @@ async fn libpq_password_sources_and_a_dead_first_host_work() {
 
     let url = url_as(&db, &role);
     let status = |url: &str, env: &[(&str, &str)]| {
-        let output = command()
-            .arg("status")
+        let output = db
+            .command("status")
             .env("DATABASE_URL", url)
-            .env("OUTBOX_RELAY_SLOT", &db.slot)
             .envs(env.iter().copied())
             .output()
             .unwrap();
@@ -118,14 +116,7 @@ async fn libpq_password_sources_and_a_dead_first_host_work() {
     let (hosts, rest) = db.url.split_once('@').unwrap().1.split_once('/').unwrap();
     let multi =
         format!("postgres://{role}:pgpass-secret@127.0.0.1:{dead},{hosts}/{rest}?target_session_attrs=read-write");
-    let output = command()
-        .arg("check")
-        .env("DATABASE_URL", &multi)
-        .env("KAFKA_BOOTSTRAP_SERVERS", &db.bootstrap_servers)
-        .env("OUTBOX_RELAY_SLOT", &db.slot)
-        .env("OUTBOX_RELAY_DEAD_LETTER_TOPIC", format!("{}.dlq", db.name))
-        .output()
-        .unwrap();
+    let output = db.command("check").env("DATABASE_URL", &multi).output().unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
     assert_eq!(
         output.status.code(),
@@ -157,24 +148,17 @@ async fn channel_binding_require_fails_where_the_connection_cannot_bind() {
     let db = TestDb::new("chbind").await;
     // The shared server has no TLS, so no SCRAM-SHA-256-PLUS: libpq's rule is to fail.
     let url = format!("{}?channel_binding=require", db.url);
-    let output = command()
-        .arg("status")
-        .env("DATABASE_URL", &url)
-        .env("OUTBOX_RELAY_SLOT", &db.slot)
-        .output()
-        .unwrap();
+    let output = db.command("status").env("DATABASE_URL", &url).output().unwrap();
     let text = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{text}");
     assert!(text.contains("channel binding"), "{text}");
     // The replication connection cannot bind at all; run says so instead of going unbound.
-    let output = command()
-        .arg("run")
+    let output = db
+        .command("run")
         .env(
             "DATABASE_URL",
             url.replace("channel_binding=require", "channel_binding=require&sslmode=disable"),
         )
-        .env("KAFKA_BOOTSTRAP_SERVERS", &db.bootstrap_servers)
-        .env("OUTBOX_RELAY_SLOT", &db.slot)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&output.stderr);

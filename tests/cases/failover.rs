@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::kafka::Consumer;
-use crate::support::relay::command;
 use crate::support::{connect, eventually, Record, TestDb};
 
 /// The standby's physical slot on the primary.
@@ -106,6 +105,16 @@ impl Writers {
 
     fn committed(&self) -> u64 {
         self.committed.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `count` rows in all have been committed (through the failover).
+    async fn wait_for(&self, count: u64) {
+        eventually(
+            Duration::from_secs(60),
+            "writers to commit on the promoted server",
+            || async { (self.committed() >= count).then_some(()) },
+        )
+        .await;
     }
 
     async fn stop(self) {
@@ -200,14 +209,7 @@ async fn failover_with_failover_slots(major: u32) {
         Duration::from_secs(120),
         "the standby to hold a synced copy of the slot",
         || async {
-            let output = command()
-                .arg("check")
-                .env("DATABASE_URL", &db.url)
-                .env("KAFKA_BOOTSTRAP_SERVERS", &db.bootstrap_servers)
-                .env("OUTBOX_RELAY_SLOT", &db.slot)
-                .env("OUTBOX_RELAY_DEAD_LETTER_TOPIC", format!("{}.dlq", db.name))
-                .output()
-                .unwrap();
+            let output = db.command("check").output().unwrap();
             let text = String::from_utf8_lossy(&output.stdout).into_owned();
             text.contains("holds a synced copy").then_some(text)
         },
@@ -238,12 +240,7 @@ async fn failover_with_failover_slots(major: u32) {
     assert_eq!(before.0, after.0, "a promoted standby keeps the system identifier");
     assert_ne!(before.1, after.1, "a promotion starts a new timeline");
     let at_promotion = writers.committed();
-    eventually(
-        Duration::from_secs(60),
-        "writers to commit on the promoted server",
-        || async { (writers.committed() >= at_promotion + 200).then_some(()) },
-    )
-    .await;
+    writers.wait_for(at_promotion + 200).await;
     writers.stop().await;
 
     let promoted = standby.url(&db.name);
@@ -302,12 +299,7 @@ async fn without_failover_slots_the_relay_exits_3_and_the_runbook_republishes() 
         .unwrap_or_else(|| panic!("no time in the message:\n{log}"))
         .to_owned();
     let at_exit = writers.committed();
-    eventually(
-        Duration::from_secs(60),
-        "writers to commit on the promoted server",
-        || async { (writers.committed() >= at_exit + 50).then_some(()) },
-    )
-    .await;
+    writers.wait_for(at_exit + 50).await;
 
     // The runbook: recreate the slot, start the relay, republish what may be missing.
     db.setup();

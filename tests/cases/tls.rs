@@ -57,13 +57,7 @@ fn tls_server() -> &'static TlsServer {
     static SERVER: OnceLock<TlsServer> = OnceLock::new();
     SERVER.get_or_init(|| {
         let certificates = devrig::Certificates::generate(CERT_USER).unwrap_or_else(|e| panic!("{e}"));
-        let postgres = devrig::Postgres::start_configured(&devrig::Options {
-            hba: Some(TLS_ONLY_HBA),
-            tls: Some(&certificates),
-            major: Some(debian_major()),
-            ..devrig::Options::default()
-        })
-        .unwrap_or_else(|e| panic!("cannot start the TLS-only PostgreSQL: {e}"));
+        let postgres = start_tls_only(&certificates);
         let files = std::env::temp_dir().join(format!("outbox-relay-tls-client-{}", std::process::id()));
         certificates
             .write_client_files(&files)
@@ -78,14 +72,10 @@ fn tls_server() -> &'static TlsServer {
 
 /// Runs a relay subcommand to completion with `url`.
 fn run_command(db: &TestDb, subcommand: &str, url: &str, extra: &[&str]) -> (String, Output) {
-    let output = command()
-        .arg(subcommand)
+    let output = db
+        .command(subcommand)
         .args(extra)
         .env("DATABASE_URL", url)
-        .env("KAFKA_BOOTSTRAP_SERVERS", &db.bootstrap_servers)
-        .env("OUTBOX_RELAY_SLOT", &db.slot)
-        .env("OUTBOX_RELAY_TOPIC_TEMPLATE", &db.topic_template)
-        .env("OUTBOX_RELAY_DEAD_LETTER_TOPIC", format!("{}.dlq", db.name))
         .output()
         .unwrap();
     let text = format!(
@@ -234,13 +224,7 @@ async fn plain_text_is_refused_with_the_servers_reason_and_a_hint() {
 async fn an_expired_server_certificate_is_named() {
     let server = tls_server();
     let expired = server.certificates.with_expired_server();
-    let postgres = devrig::Postgres::start_configured(&devrig::Options {
-        hba: Some(TLS_ONLY_HBA),
-        tls: Some(&expired),
-        major: Some(debian_major()),
-        ..devrig::Options::default()
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    let postgres = start_tls_only(&expired);
     let url = format!(
         "postgres://postgres:{}@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
         postgres.password,
@@ -253,9 +237,16 @@ async fn an_expired_server_certificate_is_named() {
     assert!(text.contains("does not verify: expired"), "{text}");
 }
 
-/// TLS cases run on Debian's PostgreSQL (built with OpenSSL), whatever `PG_BINDIR` says.
-fn debian_major() -> u32 {
-    devrig::debian_major().unwrap_or_else(|e| panic!("{e}"))
+/// A PostgreSQL that refuses connections without TLS, serving `certificates`. TLS cases
+/// run on Debian's PostgreSQL (built with OpenSSL), whatever `PG_BINDIR` says.
+fn start_tls_only(certificates: &devrig::Certificates) -> devrig::Postgres {
+    devrig::Postgres::start_configured(&devrig::Options {
+        hba: Some(TLS_ONLY_HBA),
+        tls: Some(certificates),
+        major: Some(devrig::debian_major().unwrap_or_else(|e| panic!("{e}"))),
+        ..devrig::Options::default()
+    })
+    .unwrap_or_else(|e| panic!("cannot start the TLS-only PostgreSQL: {e}"))
 }
 
 /// `url` pointed at `db`'s database.

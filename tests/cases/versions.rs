@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use crate::support::kafka::Consumer;
-use crate::support::relay::command;
 use crate::support::TestDb;
 
 fn majors() -> Vec<u32> {
@@ -39,14 +38,7 @@ async fn core_path(major: u32) {
         &format!("v{major}"),
     )
     .await;
-    let output = command()
-        .arg("check")
-        .env("DATABASE_URL", &db.url)
-        .env("KAFKA_BOOTSTRAP_SERVERS", &db.bootstrap_servers)
-        .env("OUTBOX_RELAY_SLOT", &db.slot)
-        .env("OUTBOX_RELAY_DEAD_LETTER_TOPIC", format!("{}.dlq", db.name))
-        .output()
-        .unwrap();
+    let output = db.command("check").output().unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "PostgreSQL {major}: {text}");
     let failover_line = if major >= 17 {
@@ -76,12 +68,7 @@ async fn core_path(major: u32) {
         "{}",
         relay.log_text()
     );
-    let output = command()
-        .args(["status", "--json"])
-        .env("DATABASE_URL", &db.url)
-        .env("OUTBOX_RELAY_SLOT", &db.slot)
-        .output()
-        .unwrap();
+    let output = db.command("status").args(["--json"]).output().unwrap();
     let text = String::from_utf8_lossy(&output.stdout);
     assert_eq!(
         output.status.code(),

@@ -179,6 +179,20 @@ impl TestDb {
         }
     }
 
+    /// `outbox-relay <subcommand>` with this database's settings (URL, broker, slot,
+    /// topics); a later `.env` overrides one.
+    pub fn command(&self, subcommand: &str) -> std::process::Command {
+        let mut command = relay::command();
+        command
+            .arg(subcommand)
+            .env("DATABASE_URL", &self.url)
+            .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap_servers)
+            .env("OUTBOX_RELAY_SLOT", &self.slot)
+            .env("OUTBOX_RELAY_TOPIC_TEMPLATE", &self.topic_template)
+            .env("OUTBOX_RELAY_DEAD_LETTER_TOPIC", format!("{}.dlq", self.name));
+        command
+    }
+
     pub fn topic(&self, aggregate_type: &str) -> String {
         format!("{}.{aggregate_type}", self.name)
     }
