@@ -14,9 +14,9 @@ use std::sync::Arc;
 
 use crate::config::{Delivery, OnPoison, Preset, RunArgs, SlotBusy};
 use crate::dead_letter::DeadLetter;
-use crate::error::RelayError;
+use crate::error::{Classify, ErrorClass, RelayError};
 use crate::kafka::{
-    Acked, ErrorClass, Failure, Fence, FenceError, Pipeline, Producer, ProducerSettings, Route, SubmitError, TopicId,
+    is_too_large, Acked, Failure, Fence, FenceError, Pipeline, Producer, ProducerSettings, Route, SubmitError, TopicId,
 };
 use crate::lsn::Lsn;
 use crate::metrics::{Health, Metrics};
@@ -154,6 +154,7 @@ pub async fn run(settings: RelaySettings, shutdown: Shutdown) -> Result<(), Rela
         last_read_commit_time: None,
         published_before: None,
         server_identity: None,
+        shutdown: shutdown.clone(),
     };
     let result = relay.run(shutdown).await;
     let m = &relay.metrics;
@@ -207,34 +208,27 @@ struct OpenTxn {
     next_index: u32,
 }
 
-/// How a session ended, when it did not end with a definite error.
-enum SessionEnd {
+/// Why a session ends: shutdown, or an error whose [class](Classify::class) decides
+/// between starting the next session (transient) and ending the run.
+enum Interrupt {
     Shutdown,
-    /// Start a new session after a pause (connection lost, server restarting).
-    Restart(String),
+    Failed(RelayError),
 }
 
-/// Why a session must end.
-enum SessionError {
-    Restart(String),
-    Stop(RelayError),
-}
-
-impl From<RelayError> for SessionError {
+impl From<RelayError> for Interrupt {
     fn from(error: RelayError) -> Self {
-        SessionError::Stop(error)
+        Interrupt::Failed(error)
     }
 }
 
-impl From<StreamError> for SessionError {
+impl From<StreamError> for Interrupt {
     fn from(error: StreamError) -> Self {
-        if error.is_transient() {
-            SessionError::Restart(error.to_string())
-        } else {
-            SessionError::Stop(error.into())
-        }
+        Interrupt::Failed(error.into())
     }
 }
+
+/// How often a wait for the broker to describe a new topic is logged.
+const TOPIC_READ_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 struct Relay {
     settings: RelaySettings,
@@ -257,6 +251,8 @@ struct Relay {
     published_before: Option<i64>,
     /// The (system identifier, timeline) of the server the last session streamed from.
     server_identity: Option<(String, String)>,
+    /// Ends waits inside a session (a new topic being read) at shutdown.
+    shutdown: Shutdown,
 }
 
 impl Relay {
@@ -274,21 +270,20 @@ impl Relay {
             let (start, server) = match self.resume_position().await {
                 Ok(found) => found,
                 // A rotated password may reach the server before its file: keep trying.
-                Err(SessionError::Stop(RelayError::Connect(error)))
-                    if streamed_once && error.is_authentication_failure() =>
-                {
+                Err(RelayError::Connect(error)) if streamed_once && error.is_authentication_failure() => {
                     tracing::error!(%error, "PostgreSQL rejected the password; retrying (a rotated secret may not have reached the password source yet)");
                     backoff.wait(&mut shutdown).await;
                     continue;
                 }
-                Err(SessionError::Stop(error)) => return Err(error),
-                Err(SessionError::Restart(reason)) if !streamed_once => {
+                Err(error) if !error.is_transient() => return Err(error),
+                Err(error) if !streamed_once => {
                     return Err(RelayError::Unreachable(format!(
-                        "cannot reach PostgreSQL at start: {reason}"
+                        "cannot reach PostgreSQL at start: {}",
+                        crate::error::chain(&error)
                     )));
                 }
-                Err(SessionError::Restart(reason)) => {
-                    tracing::warn!(%reason, "PostgreSQL not reachable; retrying");
+                Err(error) => {
+                    tracing::warn!(error = %crate::error::chain(&error), "PostgreSQL not reachable; retrying");
                     backoff.wait(&mut shutdown).await;
                     continue;
                 }
@@ -351,7 +346,7 @@ impl Relay {
             self.health.set_streaming(false);
             self.metrics.streaming.set(0);
             match ended {
-                Ok(SessionEnd::Shutdown) => {
+                Interrupt::Shutdown => {
                     tracing::info!(
                         in_flight = self.pipeline.len(),
                         "shutting down: waiting for acknowledgements"
@@ -360,7 +355,8 @@ impl Relay {
                     tracing::info!(%confirmed, "stopped");
                     return Ok(());
                 }
-                Ok(SessionEnd::Restart(reason)) | Err(SessionError::Restart(reason)) => {
+                Interrupt::Failed(error) if error.is_transient() => {
+                    let reason = crate::error::chain(&error);
                     tracing::warn!(%reason, in_flight = self.pipeline.len(), "replication session ended; resuming from the last acknowledged position");
                     drop(stream);
                     self.metrics.reconnects.inc();
@@ -378,8 +374,8 @@ impl Relay {
                     }
                     backoff.wait(&mut shutdown).await;
                 }
-                Err(SessionError::Stop(error)) => {
-                    tracing::error!(%error, in_flight = self.pipeline.len(), "stopping");
+                Interrupt::Failed(error) => {
+                    tracing::error!(error = %crate::error::chain(&error), in_flight = self.pipeline.len(), "stopping");
                     // Confirm what was acknowledged before the failure, nothing after it.
                     self.stop_session(stream, self.settings.shutdown_timeout).await;
                     return Err(error);
@@ -391,17 +387,11 @@ impl Relay {
     /// Checks the slot and publication, and returns where the next session starts (the
     /// slot's confirmed position, or this process's own if it got further) and on which
     /// server (the one the SQL connection settled on).
-    async fn resume_position(&mut self) -> Result<(Lsn, usize), SessionError> {
+    async fn resume_position(&mut self) -> Result<(Lsn, usize), RelayError> {
         let database = &self.settings.database;
-        let connected = database.open().await.map_err(|error| {
-            if error.definite {
-                SessionError::Stop(error.into())
-            } else {
-                SessionError::Restart(error.to_string())
-            }
-        })?;
+        let connected = database.open().await?;
         let (client, server) = (connected.client, connected.server);
-        let sql_error = |e: tokio_postgres::Error| SessionError::Restart(database.connect_error(&e).to_string());
+        let sql_error = |e: tokio_postgres::Error| RelayError::Connect(database.connect_error(&e));
         let info = slot::inspect(&client, &self.settings.slot).await.map_err(sql_error)?;
         let host = database.server_label(server);
         let in_recovery: bool = client
@@ -412,9 +402,10 @@ impl Relay {
         // A standby's copy of a failover slot cannot be streamed from until the standby is
         // promoted; nor can a missing slot be judged on a standby. Wait for a primary.
         if in_recovery && info.as_ref().is_none_or(|i| i.synced == Some(true)) {
-            return Err(SessionError::Restart(format!(
+            return Err(StreamError::transient(format!(
                 "{host} is a standby (in recovery) without a slot of its own to stream; waiting for a primary (use target_session_attrs=read-write to skip standbys)"
-            )));
+            ))
+            .into());
         }
         // Streamed before, and the server reached now has no slot: it was failed over to.
         if info.is_none() && self.progress.is_some() {
@@ -424,8 +415,7 @@ impl Relay {
                 slot: self.settings.slot.clone(),
                 server: host,
                 published_before: humantime::format_rfc3339_micros(time).to_string(),
-            })
-            .into());
+            }));
         }
         let info = slot::check(info, &self.settings.slot, database.dbname()).map_err(RelayError::from)?;
         if !slot::publication_exists(&client, &self.settings.publication)
@@ -435,8 +425,7 @@ impl Relay {
             return Err(RelayError::from(slot::SlotProblem::PublicationMissing {
                 publication: self.settings.publication.clone(),
                 database: database.dbname().to_owned(),
-            })
-            .into());
+            }));
         }
         let slot_position = info.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
         // This process's own confirmed position holds only on the server it was confirmed
@@ -457,18 +446,25 @@ impl Relay {
         Ok((start, server))
     }
 
-    fn progress(&mut self) -> Result<&mut Progress, SessionError> {
+    fn progress(&mut self) -> Result<&mut Progress, RelayError> {
         self.progress
             .as_mut()
-            .ok_or_else(|| SessionError::Stop(RelayError::Protocol("no session started".into())))
+            .ok_or_else(|| RelayError::Protocol("no session started".into()))
     }
 
-    /// One session's loop.
-    async fn pump(
+    /// One session's loop, until it is interrupted.
+    async fn pump(&mut self, stream: &mut ReplicationStream, shutdown: &mut Shutdown) -> Interrupt {
+        match self.pump_until_interrupted(stream, shutdown).await {
+            Ok(never) => match never {},
+            Err(interrupt) => interrupt,
+        }
+    }
+
+    async fn pump_until_interrupted(
         &mut self,
         stream: &mut ReplicationStream,
         shutdown: &mut Shutdown,
-    ) -> Result<SessionEnd, SessionError> {
+    ) -> Result<std::convert::Infallible, Interrupt> {
         let mut open: Option<OpenTxn> = None;
         loop {
             if !self.poisoned.is_empty() {
@@ -478,7 +474,7 @@ impl Relay {
             tokio::select! {
                 biased;
                 // Shutdown first: stop reading at once; the caller drains what is in flight.
-                _ = shutdown.wait() => return Ok(SessionEnd::Shutdown),
+                _ = shutdown.wait() => return Err(Interrupt::Shutdown),
                 // Acknowledgements before reads: they free the window and move the LSN.
                 Some(ack) = self.pipeline.next_ack(), if !self.pipeline.is_empty() => {
                     self.settle(ack, Some(stream))?;
@@ -487,7 +483,7 @@ impl Relay {
                 // backpressure then slows the walsender. Cancel-safe.
                 event = stream.next(), if has_room => match event? {
                     Some(event) => self.on_event(event, &mut open, stream).await?,
-                    None => return Ok(SessionEnd::Restart("the server ended the replication stream".into())),
+                    None => return Err(StreamError::transient("the server ended the replication stream".into()).into()),
                 },
             }
         }
@@ -498,7 +494,7 @@ impl Relay {
         event: StreamEvent,
         open: &mut Option<OpenTxn>,
         stream: &ReplicationStream,
-    ) -> Result<(), SessionError> {
+    ) -> Result<(), Interrupt> {
         let message = match event {
             StreamEvent::Keepalive { wal_end } => {
                 let moved = self.progress()?.keepalive(wal_end);
@@ -566,7 +562,7 @@ impl Relay {
         position: SourcePosition,
         txn: TxnRef,
         stream: &ReplicationStream,
-    ) -> Result<(), SessionError> {
+    ) -> Result<(), Interrupt> {
         match self.mapper.map(insert, position) {
             Ok(event) => self.publish(event, txn, stream).await,
             Err(error) => {
@@ -585,7 +581,7 @@ impl Relay {
         position: SourcePosition,
         txn: TxnRef,
         stream: &ReplicationStream,
-    ) -> Result<(), SessionError> {
+    ) -> Result<(), Interrupt> {
         match self.mapper.map_message(content, position) {
             Ok(event) => self.publish(event, txn, stream).await,
             Err(error) => {
@@ -598,16 +594,11 @@ impl Relay {
 
     /// Routes an event (skipping it if an earlier run wrote it) and hands it to Kafka; a
     /// refusal for good dead-letters it.
-    async fn publish(
-        &mut self,
-        event: OutboxEvent,
-        txn: TxnRef,
-        stream: &ReplicationStream,
-    ) -> Result<(), SessionError> {
-        let route = match self.route_unwritten(&event) {
+    async fn publish(&mut self, event: OutboxEvent, txn: TxnRef, stream: &ReplicationStream) -> Result<(), Interrupt> {
+        let route = match self.route_unwritten(&event, stream).await? {
             Ok(Some(route)) => route,
             Ok(None) => return Ok(()),
-            Err(error) if error.class == ErrorClass::Transient => return Err(SessionError::Restart(error.to_string())),
+            Err(error) if error.is_transient() => return Err(broker_error("exactly-once fence", error)),
             Err(error) => {
                 let letter = DeadLetter::from_event(&event, error.class, error.to_string());
                 return self.dead_letter(letter, txn, stream).await;
@@ -640,7 +631,7 @@ impl Relay {
         letter: DeadLetter,
         txn: TxnRef,
         stream: &ReplicationStream,
-    ) -> Result<(), SessionError> {
+    ) -> Result<(), Interrupt> {
         if self.settings.on_poison == OnPoison::Halt {
             return Err(letter.into_halt_error().into());
         }
@@ -648,11 +639,11 @@ impl Relay {
         let event = letter
             .clone()
             .into_event(&self.settings.dead_letter_topic, self.fence.source());
-        let route = match self.route_unwritten(&event) {
+        let route = match self.route_unwritten(&event, stream).await? {
             Ok(Some(route)) => route,
             Ok(None) => return Ok(()),
-            Err(error) if error.class == ErrorClass::Transient => return Err(SessionError::Restart(error.to_string())),
-            Err(error) => return Err(dead_letter_refused(letter, &error.to_string())),
+            Err(error) if error.is_transient() => return Err(broker_error("exactly-once fence", error)),
+            Err(error) => return Err(dead_letter_refused(letter, &error.to_string()).into()),
         };
         match self
             .submit(&event, route.topic, route.partition, txn, true, stream)
@@ -662,18 +653,75 @@ impl Relay {
                 self.metrics.events_dead_lettered.inc();
                 Ok(())
             }
-            Some(refusal) => Err(dead_letter_refused(letter, &refusal.reason)),
+            Some(refusal) => Err(dead_letter_refused(letter, &refusal.reason).into()),
         }
     }
 
     /// Routes `event` to its partition; `None` when an earlier run already wrote it there.
-    fn route_unwritten(&mut self, event: &OutboxEvent) -> Result<Option<Route>, FenceError> {
-        let route = self.fence.route(&event.topic, &event.key, event.position)?;
+    /// The outer error interrupts the session; the inner one is the broker's answer about
+    /// the topic, for the caller to judge.
+    async fn route_unwritten(
+        &mut self,
+        event: &OutboxEvent,
+        stream: &ReplicationStream,
+    ) -> Result<Result<Option<Route>, FenceError>, Interrupt> {
+        if self.fence.route(&event.topic, &event.key, event.position).is_none() {
+            if let Err(error) = self.read_topic(&event.topic, stream).await? {
+                return Ok(Err(error));
+            }
+        }
+        let Some(route) = self.fence.route(&event.topic, &event.key, event.position) else {
+            return Err(RelayError::Internal(format!("topic {} was read but is not known", event.topic)).into());
+        };
         if route.already_written {
             self.metrics.events_skipped_already_written.inc();
-            return Ok(None);
+            return Ok(Ok(None));
         }
-        Ok(Some(route))
+        Ok(Ok(Some(route)))
+    }
+
+    /// Reads a topic the relay has not written to yet (its partitions and, for
+    /// exactly-once, this source's last records there) without stopping the session:
+    /// acknowledgements are settled and keepalives answered while the broker is asked,
+    /// and the wait is logged and counted in `topics_being_read`.
+    async fn read_topic(
+        &mut self,
+        topic: &str,
+        stream: &ReplicationStream,
+    ) -> Result<Result<(), FenceError>, Interrupt> {
+        let mut reading = self.fence.read_topic(topic);
+        let started = std::time::Instant::now();
+        let mut report = tokio::time::interval_at(
+            tokio::time::Instant::now() + TOPIC_READ_LOG_INTERVAL,
+            TOPIC_READ_LOG_INTERVAL,
+        );
+        self.metrics.topics_being_read.inc();
+        let mut shutdown = self.shutdown.clone();
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait() => break Err(Interrupt::Shutdown),
+                read = &mut reading => break Ok(read.unwrap_or_else(|_| Err(FenceError {
+                    topic: topic.to_owned(),
+                    class: ErrorClass::Transient,
+                    reason: "the thread reading the topic ended without an answer".into(),
+                }))),
+                Some(ack) = self.pipeline.next_ack(), if !self.pipeline.is_empty() => {
+                    if let Err(error) = self.settle(ack, Some(stream)) {
+                        break Err(error.into());
+                    }
+                }
+                _ = report.tick() => tracing::warn!(topic, waited_ms = started.elapsed().as_millis() as u64, "waiting for the broker to describe a new topic before its first event; reading is paused"),
+            }
+        };
+        self.metrics.topics_being_read.dec();
+        let tail = match outcome? {
+            Ok(tail) => tail,
+            Err(error) => return Ok(Err(error)),
+        };
+        self.fence.learned(topic, tail);
+        tracing::debug!(topic, took_ms = started.elapsed().as_millis() as u64, "topic read");
+        Ok(Ok(()))
     }
 
     /// Hands one record to Kafka, waiting for room in librdkafka's queue if it is full.
@@ -686,7 +734,7 @@ impl Relay {
         txn: TxnRef,
         dead_letter: bool,
         stream: &ReplicationStream,
-    ) -> Result<Option<Refusal>, SessionError> {
+    ) -> Result<Option<Refusal>, Interrupt> {
         loop {
             let tag = EventTag {
                 txn,
@@ -718,10 +766,7 @@ impl Relay {
                     class: ErrorClass::Transient,
                     error,
                 }) => {
-                    return Err(SessionError::Restart(format!(
-                        "Kafka refused event id={}: {error}",
-                        event.id
-                    )));
+                    return Err(broker_error(&format!("Kafka refused event id={}", event.id), error));
                 }
                 Err(SubmitError::Refused { class, error }) => {
                     return Ok(Some(Refusal {
@@ -736,7 +781,7 @@ impl Relay {
 
     /// Accounts for one acknowledgement. A record refused for good is queued for
     /// [`handle_poisoned`](Self::handle_poisoned); its transaction stays unconfirmed.
-    fn settle(&mut self, ack: Acked<EventTag>, stream: Option<&ReplicationStream>) -> Result<(), SessionError> {
+    fn settle(&mut self, ack: Acked<EventTag>, stream: Option<&ReplicationStream>) -> Result<(), RelayError> {
         let tag = ack.tag;
         self.metrics.events_in_flight.set(self.pipeline.len() as i64);
         if let Err(failure) = &ack.result {
@@ -756,17 +801,21 @@ impl Relay {
                 self.after_progress(moved, stream);
                 Ok(())
             }
-            Err(failure) if failure.class == ErrorClass::Transient => Err(SessionError::Restart(format!(
-                "delivery of outbox event id={} at commit LSN {} (index {}) failed: {}",
-                tag.id, tag.position.commit_lsn, tag.position.index, failure.error
-            ))),
+            Err(failure) if failure.class == ErrorClass::Transient => Err(RelayError::Broker {
+                context: format!(
+                    "delivery of outbox event id={} at commit LSN {} (index {}) failed",
+                    tag.id, tag.position.commit_lsn, tag.position.index
+                ),
+                class: ErrorClass::Transient,
+                source: Box::new(failure.error),
+            }),
             Err(failure) if failure.class == ErrorClass::Fatal || tag.dead_letter => {
                 let letter =
                     DeadLetter::from_record(None, &tag.id, tag.position, failure.class, failure.error.to_string());
                 if tag.dead_letter {
                     Err(dead_letter_refused(letter, &failure.error.to_string()))
                 } else {
-                    Err(letter.into_halt_error().into())
+                    Err(letter.into_halt_error())
                 }
             }
             Err(failure) => {
@@ -778,7 +827,7 @@ impl Relay {
 
     /// Dead-letters records Kafka refused after queueing them, then counts the original
     /// as done, so that its transaction waits for the dead-letter record's acknowledgement.
-    async fn handle_poisoned(&mut self, stream: &ReplicationStream) -> Result<(), SessionError> {
+    async fn handle_poisoned(&mut self, stream: &ReplicationStream) -> Result<(), Interrupt> {
         while let Some((tag, failure)) = self.poisoned.pop_front() {
             let reason = failure.error.to_string();
             let mut letter =
@@ -822,10 +871,8 @@ impl Relay {
                 ack = self.pipeline.next_ack() => ack,
             };
             let Some(ack) = ack else { break };
-            match self.settle(ack, None) {
-                Ok(()) => {}
-                Err(SessionError::Stop(error)) => tracing::warn!(%error, "event not acknowledged while draining"),
-                Err(SessionError::Restart(reason)) => tracing::warn!(%reason, "event not acknowledged while draining"),
+            if let Err(error) = self.settle(ack, None) {
+                tracing::warn!(error = %crate::error::chain(&error), "event not acknowledged while draining");
             }
         }
         Ok(())
@@ -847,7 +894,7 @@ impl Relay {
 }
 
 /// The source position of the next event of the open transaction.
-fn next_position(open: &mut Option<OpenTxn>, what: &str) -> Result<(SourcePosition, TxnRef), SessionError> {
+fn next_position(open: &mut Option<OpenTxn>, what: &str) -> Result<(SourcePosition, TxnRef), RelayError> {
     let txn = open
         .as_mut()
         .ok_or_else(|| RelayError::Protocol(format!("{what} outside a transaction")))?;
@@ -872,20 +919,42 @@ struct Refusal {
     too_large: bool,
 }
 
-fn is_too_large(error: &rdkafka::error::KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
-    matches!(
-        error.rdkafka_error_code(),
-        Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidMessageSize)
-    )
+/// A broker failure that interrupts the session, classified as the broker's error is.
+fn broker_error<E>(context: &str, error: E) -> Interrupt
+where
+    E: std::error::Error + Send + Sync + 'static,
+    E: BrokerErrorClass,
+{
+    Interrupt::Failed(RelayError::Broker {
+        context: context.to_owned(),
+        class: error.broker_class(),
+        source: Box::new(error),
+    })
 }
 
-fn dead_letter_refused(letter: DeadLetter, reason: &str) -> SessionError {
+/// The class of the broker errors [`broker_error`] carries.
+trait BrokerErrorClass {
+    fn broker_class(&self) -> ErrorClass;
+}
+
+impl BrokerErrorClass for FenceError {
+    fn broker_class(&self) -> ErrorClass {
+        self.class
+    }
+}
+
+impl BrokerErrorClass for rdkafka::error::KafkaError {
+    fn broker_class(&self) -> ErrorClass {
+        crate::kafka::classify(self)
+    }
+}
+
+fn dead_letter_refused(letter: DeadLetter, reason: &str) -> RelayError {
     let mut error = letter.into_halt_error();
     if let RelayError::Delivery { reason: text, .. } = &mut error {
         *text = format!("{text}; the dead-letter topic refused it too: {reason}");
     }
-    SessionError::Stop(error)
+    error
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -8,8 +8,8 @@
 use bytes::Bytes;
 use rdkafka::message::{Headers, Message, OwnedMessage};
 
+use crate::error::ErrorClass;
 use crate::error::RelayError;
-use crate::kafka::ErrorClass;
 use crate::outbox::{
     MappingError, OutboxEvent, SourcePosition, HEADER_COMMIT_LSN, HEADER_ID, HEADER_SOURCE, HEADER_TX_INDEX,
 };

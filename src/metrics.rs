@@ -33,6 +33,7 @@ pub struct Metrics {
     pub heartbeat_round_trip_seconds: Gauge<f64, AtomicU64>,
     pub commit_to_ack_seconds: Histogram,
     pub reconnects: Counter,
+    pub topics_being_read: Gauge,
     pub slot_wal_status: Family<Labels, Gauge>,
     pub slot_safe_wal_size_bytes: Gauge,
     pub streaming: Gauge,
@@ -59,6 +60,7 @@ impl Metrics {
             heartbeat_round_trip_seconds: Gauge::default(),
             commit_to_ack_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             reconnects: Counter::default(),
+            topics_being_read: Gauge::default(),
             slot_wal_status: Family::default(),
             slot_safe_wal_size_bytes: Gauge::default(),
             streaming: Gauge::default(),
@@ -133,6 +135,11 @@ impl Metrics {
             "reconnects",
             "Replication sessions restarted after a failure",
             m.reconnects.clone(),
+        );
+        registry.register(
+            "topics_being_read",
+            "New topics whose partitions the relay is reading before their first event (exactly-once fence); reading waits while this is above 0",
+            m.topics_being_read.clone(),
         );
         registry.register(
             "slot_wal_status",

@@ -9,22 +9,7 @@
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    Transient,
-    Poison,
-    Fatal,
-}
-
-impl ErrorClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorClass::Transient => "transient",
-            ErrorClass::Poison => "poison",
-            ErrorClass::Fatal => "fatal",
-        }
-    }
-}
+use crate::error::ErrorClass;
 
 /// Classifies an error returned by a produce call or a delivery report.
 pub fn classify(error: &KafkaError) -> ErrorClass {
@@ -34,6 +19,16 @@ pub fn classify(error: &KafkaError) -> ErrorClass {
         // or a closed channel. The record may not be written; try again.
         None => ErrorClass::Transient,
     }
+}
+
+/// The record alone is larger than the broker or the producer accepts: dead-lettered
+/// without its payload.
+pub fn is_too_large(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidMessageSize)
+    )
 }
 
 fn classify_code(code: RDKafkaErrorCode) -> ErrorClass {

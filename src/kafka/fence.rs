@@ -23,9 +23,10 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::Producer as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use super::errors::{classify, ErrorClass};
+use super::errors::classify;
 use super::partitioner::partition_for;
 use super::producer::{Producer, ProducerSettings};
+use crate::error::{Classify, ErrorClass};
 use crate::lsn::Lsn;
 use crate::outbox::{SourcePosition, HEADER_COMMIT_LSN, HEADER_SOURCE, HEADER_TX_INDEX};
 
@@ -54,21 +55,31 @@ pub struct FenceError {
     pub reason: String,
 }
 
+impl Classify for FenceError {
+    fn class(&self) -> ErrorClass {
+        self.class
+    }
+}
+
+/// What the broker says of a topic the fence has not seen: its partition count and,
+/// per partition, the newest position this source wrote there.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TopicTail {
+    pub partitions: i32,
+    pub written: HashMap<i32, SourcePosition>,
+}
+
+/// A topic being read on its own thread; await it. Dropping it abandons the read, which
+/// then ends on its own deadlines ([`METADATA_TIMEOUT`], [`READ_TIMEOUT`]).
+pub type TopicRead = tokio::sync::oneshot::Receiver<Result<TopicTail, FenceError>>;
+
 pub struct Fence {
     source: String,
     exactly_once: bool,
     producer: Producer,
-    reader: Option<BaseConsumer<LogContext>>,
     reader_settings: ProducerSettings,
     topics: HashMap<String, TopicId>,
-    topic_state: Vec<TopicState>,
-}
-
-struct TopicState {
-    partitions: i32,
-    /// Newest position this source has in each partition (read at first use, then raised
-    /// by every acknowledgement).
-    written: HashMap<i32, SourcePosition>,
+    topic_state: Vec<TopicTail>,
 }
 
 impl Fence {
@@ -78,7 +89,6 @@ impl Fence {
             source,
             exactly_once,
             producer,
-            reader: None,
             reader_settings: settings.clone(),
             topics: HashMap::new(),
             topic_state: Vec::new(),
@@ -91,29 +101,63 @@ impl Fence {
     }
 
     /// Picks the partition for `key` in `topic` and says whether an earlier run already
-    /// wrote `position` there. Blocks on Kafka the first time a topic is seen.
-    pub fn route(&mut self, topic: &str, key: &[u8], position: SourcePosition) -> Result<Route, FenceError> {
-        let id = match self.topics.get(topic) {
-            Some(&id) => id,
-            None => self.learn_topic(topic)?,
-        };
+    /// wrote `position` there; `None` for a topic not yet [`learned`](Self::learned).
+    pub fn route(&self, topic: &str, key: &[u8], position: SourcePosition) -> Option<Route> {
+        let id = *self.topics.get(topic)?;
         let state = &self.topic_state[id.0 as usize];
         let partition = partition_for(key, state.partitions);
         let already_written = state.written.get(&partition).is_some_and(|last| position <= *last);
-        Ok(Route {
+        Some(Route {
             topic: id,
             partition,
             already_written,
         })
     }
 
+    /// Starts reading `topic` from the broker on a thread of its own: librdkafka's metadata
+    /// and consumer calls block, and the session loop must go on answering acknowledgements
+    /// and the server's keepalives meanwhile.
+    pub fn read_topic(&self, topic: &str) -> TopicRead {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let reading = TopicReading {
+            topic: topic.to_owned(),
+            source: self.source.clone(),
+            exactly_once: self.exactly_once,
+            producer: self.producer.clone(),
+            settings: self.reader_settings.clone(),
+        };
+        let spawned = std::thread::Builder::new().name("fence-read".into()).spawn(move || {
+            let _ = sender.send(reading.run());
+        });
+        if let Err(error) = spawned {
+            // The receiver then reports a closed channel, a transient failure.
+            tracing::error!(%error, "cannot start a thread to read a topic");
+        }
+        receiver
+    }
+
+    /// Remembers what [`read_topic`](Self::read_topic) found.
+    pub fn learned(&mut self, topic: &str, tail: TopicTail) -> TopicId {
+        if let Some(&id) = self.topics.get(topic) {
+            return id;
+        }
+        if !tail.written.is_empty() {
+            tracing::info!(
+                topic,
+                partitions = tail.written.len(),
+                "exactly-once: resuming after records of an earlier run"
+            );
+        }
+        let id = TopicId(self.topic_state.len() as u32);
+        self.topic_state.push(tail);
+        self.topics.insert(topic.to_owned(), id);
+        id
+    }
+
     /// Records that `position` is now in `partition` of `topic`.
     pub fn written(&mut self, topic: TopicId, partition: i32, position: SourcePosition) {
         if let Some(state) = self.topic_state.get_mut(topic.0 as usize) {
-            let last = state.written.entry(partition).or_insert(position);
-            if position > *last {
-                *last = position;
-            }
+            raise(&mut state.written, partition, position);
         }
     }
 
@@ -123,34 +167,39 @@ impl Fence {
             .find(|(_, id)| **id == topic)
             .map_or("", |(name, _)| name.as_str())
     }
+}
 
-    fn learn_topic(&mut self, topic: &str) -> Result<TopicId, FenceError> {
-        let partitions = tokio::task::block_in_place(|| self.partition_count(topic))?;
+/// One topic's read, owned by its thread.
+struct TopicReading {
+    topic: String,
+    source: String,
+    exactly_once: bool,
+    producer: Producer,
+    settings: ProducerSettings,
+}
+
+impl TopicReading {
+    fn run(self) -> Result<TopicTail, FenceError> {
+        let partitions = self.partition_count()?;
         let written = if self.exactly_once {
-            tokio::task::block_in_place(|| self.read_tails(topic, partitions))?
+            self.read_tails(partitions)?
         } else {
             HashMap::new()
         };
-        if !written.is_empty() {
-            tracing::info!(
-                topic,
-                partitions = written.len(),
-                "exactly-once: resuming after records of an earlier run"
-            );
+        Ok(TopicTail { partitions, written })
+    }
+
+    fn error(&self, class: ErrorClass, reason: String) -> FenceError {
+        FenceError {
+            topic: self.topic.clone(),
+            class,
+            reason,
         }
-        let id = TopicId(self.topic_state.len() as u32);
-        self.topic_state.push(TopicState { partitions, written });
-        self.topics.insert(topic.to_owned(), id);
-        Ok(id)
     }
 
     /// Asks the producer's client, which lets the broker create the topic if it allows.
-    fn partition_count(&self, topic: &str) -> Result<i32, FenceError> {
-        let error = |class, reason: String| FenceError {
-            topic: topic.to_owned(),
-            class,
-            reason,
-        };
+    fn partition_count(&self) -> Result<i32, FenceError> {
+        let topic = self.topic.as_str();
         let deadline = Instant::now() + METADATA_TIMEOUT;
         loop {
             let metadata = self
@@ -158,55 +207,48 @@ impl Fence {
                 .inner()
                 .client()
                 .fetch_metadata(Some(topic), METADATA_TIMEOUT)
-                .map_err(|e| error(classify(&e), format!("cannot read metadata: {e}")))?;
+                .map_err(|e| self.error(classify(&e), format!("cannot read metadata: {e}")))?;
             if let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) {
                 if let Some(code) = found.error() {
                     let kafka_error = KafkaError::MetadataFetch(code.into());
                     let class = classify(&kafka_error);
                     // A topic being created answers "unknown" or "leader not available" at first.
                     if class != ErrorClass::Transient && Instant::now() > deadline {
-                        return Err(error(class, format!("{kafka_error}")));
+                        return Err(self.error(class, format!("{kafka_error}")));
                     }
                 } else if !found.partitions().is_empty() {
                     return Ok(found.partitions().len() as i32);
                 }
             }
             if Instant::now() > deadline {
-                return Err(error(ErrorClass::Transient, "no partitions known yet".into()));
+                return Err(self.error(ErrorClass::Transient, "no partitions known yet".into()));
             }
+            // This thread's own pause; the session loop runs on.
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
-    fn reader(&mut self) -> Result<&BaseConsumer<LogContext>, KafkaError> {
-        if self.reader.is_none() {
-            let mut config = ClientConfig::new();
-            config.set("bootstrap.servers", &self.reader_settings.bootstrap_servers);
-            for (key, value) in &self.reader_settings.properties {
-                config.set(key, value);
-            }
-            config
-                .set("group.id", "outbox-relay-fence")
-                .set("enable.auto.commit", "false")
-                .set("enable.partition.eof", "true")
-                .set("allow.auto.create.topics", "false")
-                .set("isolation.level", "read_uncommitted")
-                .set("log_level", "3");
-            self.reader = Some(config.create_with_context(LogContext::default())?);
+    fn reader(&self) -> Result<BaseConsumer<LogContext>, KafkaError> {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.settings.bootstrap_servers);
+        for (key, value) in &self.settings.properties {
+            config.set(key, value);
         }
-        // Created just above if it was missing.
-        self.reader.as_ref().ok_or(KafkaError::Canceled)
+        config
+            .set("group.id", "outbox-relay-fence")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("allow.auto.create.topics", "false")
+            .set("isolation.level", "read_uncommitted")
+            .set("log_level", "3");
+        config.create_with_context(LogContext::default())
     }
 
     /// Reads the last records of every partition and returns, per partition, the newest
     /// position this source wrote there.
-    fn read_tails(&mut self, topic: &str, partitions: i32) -> Result<HashMap<i32, SourcePosition>, FenceError> {
-        let source = self.source.clone();
-        let error = |e: KafkaError| FenceError {
-            topic: topic.to_owned(),
-            class: classify(&e),
-            reason: format!("cannot read the partitions' last records: {e}"),
-        };
+    fn read_tails(&self, partitions: i32) -> Result<HashMap<i32, SourcePosition>, FenceError> {
+        let topic = self.topic.as_str();
+        let error = |e: KafkaError| self.error(classify(&e), format!("cannot read the partitions' last records: {e}"));
         let reader = self.reader().map_err(error)?;
         let mut assignment = TopicPartitionList::new();
         let mut ends: HashMap<i32, i64> = HashMap::new();
@@ -230,11 +272,10 @@ impl Fence {
         let deadline = Instant::now() + READ_TIMEOUT;
         while !ends.is_empty() {
             if Instant::now() > deadline {
-                return Err(FenceError {
-                    topic: topic.to_owned(),
-                    class: ErrorClass::Transient,
-                    reason: "timed out reading the partitions' last records".into(),
-                });
+                return Err(self.error(
+                    ErrorClass::Transient,
+                    "timed out reading the partitions' last records".into(),
+                ));
             }
             match reader.poll(Duration::from_millis(200)) {
                 None => {}
@@ -243,32 +284,42 @@ impl Fence {
                 }
                 Some(Err(e)) => return Err(error(e)),
                 Some(Ok(message)) => {
-                    let partition = message.partition();
-                    if let Some(position) = position_from(&message, &source) {
-                        let last = written.entry(partition).or_insert(position);
-                        if position > *last {
-                            *last = position;
-                        }
+                    let headers = message
+                        .headers()
+                        .into_iter()
+                        .flat_map(|h| h.iter())
+                        .map(|h| (h.key, h.value));
+                    if let Some(position) = position_from(headers, &self.source) {
+                        raise(&mut written, message.partition(), position);
                     }
                     // The end is the consumer's end-of-partition event, which follows the
                     // fetch's own high watermark, not the (possibly older) one above.
                 }
             }
         }
-        reader.unassign().map_err(error)?;
         Ok(written)
     }
 }
 
-/// The source position of a record written by `source`, if it is one.
-fn position_from(message: &rdkafka::message::BorrowedMessage<'_>, source: &str) -> Option<SourcePosition> {
-    let headers = message.headers()?;
+/// Keeps the newest position per partition.
+fn raise(written: &mut HashMap<i32, SourcePosition>, partition: i32, position: SourcePosition) {
+    let last = written.entry(partition).or_insert(position);
+    if position > *last {
+        *last = position;
+    }
+}
+
+/// The source position of a record written by `source`, from its headers, if it is one.
+fn position_from<'a>(
+    headers: impl Iterator<Item = (&'a str, Option<&'a [u8]>)>,
+    source: &str,
+) -> Option<SourcePosition> {
     let mut commit_lsn = None;
     let mut index = None;
     let mut ours = false;
-    for header in headers.iter() {
-        let value = header.value.and_then(|v| std::str::from_utf8(v).ok());
-        match header.key {
+    for (key, value) in headers {
+        let value = value.and_then(|v| std::str::from_utf8(v).ok());
+        match key {
             HEADER_SOURCE => ours = value == Some(source),
             HEADER_COMMIT_LSN => commit_lsn = value.and_then(|v| v.parse::<Lsn>().ok()),
             HEADER_TX_INDEX => index = value.and_then(|v| v.parse::<u32>().ok()),

@@ -8,7 +8,7 @@ pub mod partitioner;
 pub mod pipeline;
 pub mod producer;
 
-pub use errors::{classify, ErrorClass};
+pub use errors::{classify, is_too_large};
 pub use fence::{Fence, FenceError, Route, TopicId};
 pub use pipeline::{Acked, Failure, Pipeline, SubmitError};
 pub use producer::{Producer, ProducerSettings};

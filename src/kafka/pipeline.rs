@@ -13,8 +13,9 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
 
-use super::errors::{classify, ErrorClass};
+use super::errors::classify;
 use super::producer::{Delivery, Producer};
+use crate::error::ErrorClass;
 use crate::outbox::OutboxEvent;
 
 /// A record could not even be handed to librdkafka.

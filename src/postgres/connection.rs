@@ -16,6 +16,7 @@ use tokio_postgres::{Client, NoTls};
 pub use super::target::UrlError;
 use super::target::{ChannelBinding, Host, Server, SessionAttrs, SslMode, Target};
 use super::tls;
+use crate::error::{io_class, sqlstate_class, Classify, ErrorClass};
 
 /// The parsed database settings.
 #[derive(Debug, Clone)]
@@ -30,9 +31,18 @@ pub struct Database {
 pub struct ConnectError {
     pub target: String,
     pub message: String,
-    /// Waiting will not fix it (authentication, TLS verification, a missing database,
-    /// a missing privilege, a setting the relay cannot honour).
-    pub definite: bool,
+    /// Transient (the server or network is in trouble that passes) or fatal
+    /// (authentication, TLS verification, a missing database, a missing privilege, a
+    /// setting the relay cannot honour): see [`crate::error::sqlstate_class`].
+    pub class: ErrorClass,
+    /// PostgreSQL's SQLSTATE, when the server answered.
+    pub sqlstate: Option<String>,
+}
+
+impl Classify for ConnectError {
+    fn class(&self) -> ErrorClass {
+        self.class
+    }
 }
 
 impl ConnectError {
@@ -53,7 +63,8 @@ pub struct Connected {
 struct Refusal {
     server: String,
     message: String,
-    definite: bool,
+    class: ErrorClass,
+    sqlstate: Option<String>,
 }
 
 impl Database {
@@ -125,7 +136,8 @@ impl Database {
                         refusals.push(Refusal {
                             server: server.to_string(),
                             message: error.message,
-                            definite: error.definite,
+                            class: error.class,
+                            sqlstate: error.sqlstate,
                         });
                         continue;
                     }
@@ -138,13 +150,18 @@ impl Database {
                             "does not match target_session_attrs={} (a standby waiting for promotion, or a primary when a standby is wanted)",
                             wanted.as_str()
                         ),
-                        definite: false,
+                        class: ErrorClass::Transient,
+                        sqlstate: None,
                     }),
-                    Err(error) => refusals.push(Refusal {
-                        server: server.to_string(),
-                        message: self.connect_error(&error).message,
-                        definite: false,
-                    }),
+                    Err(error) => {
+                        let error = self.connect_error(&error);
+                        refusals.push(Refusal {
+                            server: server.to_string(),
+                            message: error.message,
+                            class: error.class,
+                            sqlstate: error.sqlstate,
+                        })
+                    }
                 }
             }
         }
@@ -152,7 +169,14 @@ impl Database {
     }
 
     fn no_server(&self, refusals: Vec<Refusal>) -> ConnectError {
-        let definite = !refusals.is_empty() && refusals.iter().all(|r| r.definite);
+        // Fatal only when every server refused for good: one in trouble that passes
+        // (restarting, a standby being promoted) is worth waiting for.
+        let fatal = refusals.iter().find(|r| r.class == ErrorClass::Fatal);
+        let class = match fatal {
+            Some(_) if refusals.iter().all(|r| r.class == ErrorClass::Fatal) => ErrorClass::Fatal,
+            _ => ErrorClass::Transient,
+        };
+        let sqlstate = fatal.and_then(|r| r.sqlstate.clone());
         let message = match refusals.as_slice() {
             [only] if self.target.servers.len() == 1 => only.message.clone(),
             _ => format!(
@@ -167,7 +191,8 @@ impl Database {
         ConnectError {
             target: self.display.clone(),
             message,
-            definite,
+            class,
+            sqlstate,
         }
     }
 
@@ -177,8 +202,8 @@ impl Database {
             .target
             .servers
             .get(index)
-            .ok_or_else(|| self.definite(format!("no server number {index}")))?;
-        let password = self.target.password(server).map_err(|e| self.definite(e.to_string()))?;
+            .ok_or_else(|| self.fatal(format!("no server number {index}")))?;
+        let password = self.target.password(server).map_err(|e| self.fatal(e.to_string()))?;
         let modes = attempt_modes(self.target.tls.mode, server);
         first_accepted(
             modes,
@@ -186,7 +211,7 @@ impl Database {
             |error: &ConnectError| requires_tls(&error.message),
         )
         .await
-        .unwrap_or_else(|| Err(self.definite("no connection attempt was made".into())))
+        .unwrap_or_else(|| Err(self.fatal("no connection attempt was made".into())))
     }
 
     async fn connect_with(
@@ -232,55 +257,51 @@ impl Database {
             tokio::spawn(watch_connection(connection));
             return Ok(client);
         }
-        let tls_config = tls::client_config(&target.tls).map_err(|e| self.definite(e.to_string()))?;
+        let tls_config = tls::client_config(&target.tls).map_err(|e| self.fatal(e.to_string()))?;
         let connector = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config);
         let (client, connection) = config.connect(connector).await.map_err(|e| self.connect_error(&e))?;
         tokio::spawn(watch_connection(connection));
         Ok(client)
     }
 
-    fn definite(&self, message: String) -> ConnectError {
+    fn fatal(&self, message: String) -> ConnectError {
         ConnectError {
             target: self.display.clone(),
             message,
-            definite: true,
+            class: ErrorClass::Fatal,
+            sqlstate: None,
         }
     }
 
     /// Says what went wrong, with a hint where PostgreSQL's reason has a known fix.
     pub fn connect_error(&self, error: &tokio_postgres::Error) -> ConnectError {
-        let (message, definite) = match error.as_db_error() {
+        let (message, class, sqlstate) = match error.as_db_error() {
             Some(db) => {
                 let code = db.code().code();
-                // 28xxx: authentication; 3D000: no such database; 42501: privilege.
-                let definite = code.starts_with("28") || code == "3D000" || code == "42501";
                 let mut message = format!("{} (SQLSTATE {code})", db.message());
                 if requires_tls(db.message()) {
                     message.push_str(&format!("; {REQUIRES_TLS_HINT}"));
                 }
-                (message, definite)
+                (message, sqlstate_class(code), Some(code.to_owned()))
             }
             None => {
-                let mut text = error.to_string();
-                let mut source = std::error::Error::source(error);
-                while let Some(cause) = source {
-                    text.push_str(": ");
-                    text.push_str(&cause.to_string());
-                    source = cause.source();
-                }
+                let text = crate::error::chain(error);
+                let io_kind = std::iter::successors(std::error::Error::source(error), |e| e.source())
+                    .find_map(|e| e.downcast_ref::<std::io::Error>())
+                    .map(std::io::Error::kind);
                 match tls::explain_certificate_failure(&text) {
-                    Some(explained) => (format!("TLS: {explained}"), true),
-                    None => {
-                        let definite = text.contains("channel binding");
-                        (text, definite)
-                    }
+                    Some(explained) => (format!("TLS: {explained}"), ErrorClass::Fatal, None),
+                    None if text.contains("channel binding") => (text, ErrorClass::Fatal, None),
+                    // A closed connection, a timeout, an unreachable host: passing trouble.
+                    None => (text, io_kind.map_or(ErrorClass::Transient, io_class), None),
                 }
             }
         };
         ConnectError {
             target: self.display.clone(),
             message,
-            definite,
+            class,
+            sqlstate,
         }
     }
 
@@ -297,15 +318,15 @@ impl Database {
         let server = target
             .servers
             .get(index)
-            .ok_or_else(|| self.definite(format!("no server number {index}")))?;
+            .ok_or_else(|| self.fatal(format!("no server number {index}")))?;
         if target.channel_binding == ChannelBinding::Require {
-            return Err(self.definite(CHANNEL_BINDING_UNSUPPORTED.into()));
+            return Err(self.fatal(CHANNEL_BINDING_UNSUPPORTED.into()));
         }
-        let password = target.password(server).map_err(|e| self.definite(e.to_string()))?;
+        let password = target.password(server).map_err(|e| self.fatal(e.to_string()))?;
         attempt_modes(target.tls.mode, server)
             .into_iter()
             .map(|mode| {
-                let tls = tls::replication_tls(&target.tls, mode, server).map_err(|e| self.definite(e.to_string()))?;
+                let tls = tls::replication_tls(&target.tls, mode, server).map_err(|e| self.fatal(e.to_string()))?;
                 let mut config = pgwire_replication::ReplicationConfig::new(
                     server.host_name(),
                     &target.user,

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 use super::connection::{first_accepted, rejected_password, requires_tls, Database, REQUIRES_TLS_HINT};
 use super::pgoutput::{self, Begin, Commit, DecodeError, LogicalMessage, Message};
 use super::tls::explain_certificate_failure;
+use crate::error::{io_class, sqlstate_class, Classify, ErrorClass};
 use crate::lsn::Lsn;
 
 /// How often a changed confirmed LSN is reported, and the longest silence while idle.
@@ -26,6 +27,9 @@ pub const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// Added to `connect_timeout` for the whole start of a replication session (connect,
 /// TLS, authentication, START_REPLICATION).
 const CONNECT_GRACE: Duration = Duration::from_secs(20);
+
+/// What to do when the walsender refuses the role (SQLSTATE 42501).
+pub const REPLICATION_PRIVILEGE_FIX: &str = "the role needs the REPLICATION attribute to stream the slot: as a superuser, ALTER ROLE <role> REPLICATION (on Amazon RDS/Aurora: GRANT rds_replication TO <role>)";
 
 /// What a replication connection says of its server (see [`ReplicationStream::probe`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,14 +54,26 @@ pub enum StreamError {
     /// Another process streams from the slot (a second relay, or a dying session).
     #[error("replication slot {slot:?} is in use by another process: {detail}")]
     SlotInUse { slot: String, detail: String },
-    /// The connection failed or the server is restarting: reconnect and resume.
-    #[error("replication connection: {0}")]
-    Transient(String),
-    /// The server refused in a way reconnecting will not fix.
-    #[error("replication refused by PostgreSQL: {0}")]
-    Definite(String),
+    /// The connection failed, the server is restarting, or it refused; `class` says
+    /// whether reconnecting can help ([`crate::error::sqlstate_class`]).
+    #[error("replication connection: {message}")]
+    Failed {
+        message: String,
+        class: ErrorClass,
+        sqlstate: Option<String>,
+    },
     #[error(transparent)]
     Decode(#[from] DecodeError),
+}
+
+impl Classify for StreamError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            StreamError::SlotInUse { .. } => ErrorClass::Transient,
+            StreamError::Failed { class, .. } => *class,
+            StreamError::Decode(_) => ErrorClass::Fatal,
+        }
+    }
 }
 
 impl StreamError {
@@ -66,37 +82,76 @@ impl StreamError {
         rejected_password(&self.to_string())
     }
 
-    pub fn is_transient(&self) -> bool {
-        matches!(self, StreamError::Transient(_) | StreamError::SlotInUse { .. })
+    /// The SQLSTATE of PostgreSQL's answer, when it gave one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            StreamError::Failed { sqlstate, .. } => sqlstate.as_deref(),
+            StreamError::SlotInUse { .. } => Some("55006"),
+            StreamError::Decode(_) => None,
+        }
+    }
+
+    pub(crate) fn transient(message: String) -> Self {
+        StreamError::Failed {
+            message,
+            class: ErrorClass::Transient,
+            sqlstate: None,
+        }
+    }
+
+    pub(crate) fn fatal(message: String) -> Self {
+        StreamError::Failed {
+            message,
+            class: ErrorClass::Fatal,
+            sqlstate: None,
+        }
+    }
+
+    /// A server's error message, classified by the SQLSTATE it quotes.
+    pub fn from_server_text(text: &str) -> Self {
+        let sqlstate = crate::error::sqlstate_in(text).map(str::to_owned);
+        StreamError::Failed {
+            message: text.to_owned(),
+            class: sqlstate.as_deref().map_or(ErrorClass::Fatal, sqlstate_class),
+            sqlstate,
+        }
     }
 
     fn from_pgwire(error: PgWireError, slot: &str) -> Self {
         let text = error.to_string();
-        let sqlstate = text
-            .split("SQLSTATE ")
-            .nth(1)
-            .map(|rest| rest.chars().take(5).collect::<String>())
-            .unwrap_or_default();
         if let Some(explained) = explain_certificate_failure(&text) {
-            return StreamError::Definite(format!("TLS: {explained}"));
+            return StreamError::fatal(format!("TLS: {explained}"));
         }
         if requires_tls(&text) {
-            return StreamError::Definite(format!("{text}; {REQUIRES_TLS_HINT}"));
+            return StreamError::fatal(format!("{text}; {REQUIRES_TLS_HINT}"));
         }
         match error {
-            PgWireError::Io(_) | PgWireError::Task(_) => StreamError::Transient(text),
-            PgWireError::Server(_) if sqlstate == "55006" => StreamError::SlotInUse {
-                slot: slot.to_owned(),
-                detail: text,
+            PgWireError::Io(io) => StreamError::Failed {
+                class: io_class(io.kind()),
+                message: text,
+                sqlstate: None,
             },
-            // 57P0x: server shutting down or starting up; 08xxx: connection failure;
-            // 53300: too many connections. All pass.
-            PgWireError::Server(_)
-                if sqlstate.starts_with("57P") || sqlstate.starts_with("08") || sqlstate == "53300" =>
-            {
-                StreamError::Transient(text)
-            }
-            _ => StreamError::Definite(text),
+            // The client's worker ended with the connection.
+            PgWireError::Task(_) => StreamError::transient(text),
+            PgWireError::Server(_) | PgWireError::Auth(_) => match StreamError::from_server_text(&text) {
+                StreamError::Failed {
+                    sqlstate: Some(code), ..
+                } if code == "55006" => StreamError::SlotInUse {
+                    slot: slot.to_owned(),
+                    detail: text,
+                },
+                StreamError::Failed {
+                    message,
+                    class,
+                    sqlstate: Some(code),
+                } if code == "42501" => StreamError::Failed {
+                    message: format!("{message}; {}", REPLICATION_PRIVILEGE_FIX),
+                    class,
+                    sqlstate: Some(code),
+                },
+                failed => failed,
+            },
+            _ => StreamError::fatal(text),
         }
     }
 }
@@ -132,7 +187,7 @@ impl ReplicationStream {
         };
         let attempts = database
             .replication_attempts(server, slot, publication)
-            .map_err(|e| StreamError::Definite(e.message))?;
+            .map_err(|e| StreamError::fatal(e.message))?;
         let timeout = database.connect_timeout();
         let client = first_accepted(
             attempts,
@@ -174,7 +229,7 @@ impl ReplicationStream {
             Some(limit) => tokio::time::timeout(limit + CONNECT_GRACE, connecting)
                 .await
                 .unwrap_or_else(|_| {
-                    Err(StreamError::Transient(format!(
+                    Err(StreamError::transient(format!(
                         "no answer within {:?} while connecting for replication",
                         limit + CONNECT_GRACE
                     )))
@@ -303,7 +358,7 @@ async fn gated_session(
 ) -> Result<(ReplicationClient, pgwire_replication::IdentifySystem), StreamError> {
     let attempts = database
         .replication_attempts(server, "outbox_relay", "outbox_relay")
-        .map_err(|e| StreamError::Definite(e.message))?;
+        .map_err(|e| StreamError::fatal(e.message))?;
     let limit = database
         .connect_timeout()
         .map_or(Duration::from_secs(60), |t| t + CONNECT_GRACE);
@@ -318,7 +373,7 @@ async fn gated_session(
             };
             tokio::time::timeout(limit, opening)
                 .await
-                .unwrap_or_else(|_| Err(StreamError::Transient(format!("no answer within {limit:?}"))))
+                .unwrap_or_else(|_| Err(StreamError::transient(format!("no answer within {limit:?}"))))
         },
         refused_plain,
     )
@@ -328,7 +383,7 @@ async fn gated_session(
 
 /// How attempts end when there were none to make.
 fn no_attempt<T>() -> Result<T, StreamError> {
-    Err(StreamError::Definite("no replication connection was attempted".into()))
+    Err(StreamError::fatal("no replication connection was attempted".into()))
 }
 
 /// A replication attempt refused because the server requires TLS (`sslmode=allow`).

@@ -8,6 +8,7 @@ mod faults;
 mod guarantees;
 mod large_transaction;
 mod operations;
+mod reactions;
 mod startup_errors;
 mod tls;
 mod versions;
