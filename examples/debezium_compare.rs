@@ -24,8 +24,32 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::NoTls;
 
-/// The columns Debezium is told to place as headers (`table.fields.additional.placement`).
-const PLACED: [&str; 2] = ["tenant", "region"];
+/// The columns Debezium is told to place as headers (`table.fields.additional.placement`):
+/// two text columns and one of each type whose rendering differs between PostgreSQL's
+/// text form and Debezium's converters.
+const PLACED: [&str; 23] = [
+    "tenant", "region", "ts_tz", "ts", "d", "t", "t_tz", "flag", "n_int", "n_big", "amount", "ratio", "ref", "raw",
+    "doc", "doc_json", "tags", "counts", "ts_tz3", "ts3", "t3", "f4", "f8",
+];
+
+/// The typed columns' definitions, in `PLACED` order after the two text columns.
+const TYPED_COLUMNS: &str = "ts_tz timestamptz, ts timestamp, d date, t time, t_tz timetz, flag boolean,
+    n_int integer, n_big bigint, amount numeric(12,2), ratio numeric, ref uuid, raw bytea, doc jsonb,
+    doc_json json, tags text[], counts int[], ts_tz3 timestamptz(3), ts3 timestamp(3), t3 time(3), f4 real,
+    f8 double precision";
+
+/// Rows with every typed column set (the other rows leave them NULL): fractions of
+/// seconds, zones, dates before 1970, extremes, empty and NULL array elements.
+const TYPED_ROWS: [&str; 2] = [
+    "('2026-11-29 16:00:00.123456+00', '2026-11-29 16:00:00.123456', '2026-11-29', '16:00:00.123456',
+      '16:00:00.5+02', true, -42, 9007199254740993, 1234567890.12, 3.14159265358979323846,
+      'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '\\x00ff10', '{\"b\": 1, \"a\": [1, 2.50]}', '{\"b\": 1,  \"a\": 2}',
+      ARRAY['a', 'b c', 'q\"uote', NULL], ARRAY[1, 2, 3], '2026-11-29 16:00:00.123456+00',
+      '2026-11-29 16:00:00.123456', '16:00:00.123456', 1.5, 1e10)",
+    "('1969-07-20 20:17:40+00', '1969-07-20 20:17:40', '1969-07-20', '00:00:00', '23:59:59-05', false, 0, -1,
+      0.50, 0.0000000001, '00000000-0000-0000-0000-000000000000', '\\x', 'null', '[]', '{}', '{}',
+      '1969-07-20 20:17:40+00', '1969-07-20 20:17:40.5', '00:00:00.001', -0.0001, 0.1)",
+];
 
 /// A child process that is stopped when this program ends, even by a panic.
 struct Stopped(std::process::Child);
@@ -119,7 +143,7 @@ async fn main() {
     tokio::spawn(connection);
     // Debezium's documented outbox table, with two extra columns placed as headers.
     client
-        .batch_execute(
+        .batch_execute(&format!(
             "CREATE TABLE outboxevent (
                  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
                  aggregatetype varchar(255) NOT NULL,
@@ -127,9 +151,10 @@ async fn main() {
                  type varchar(255) NOT NULL,
                  payload jsonb,
                  tenant text,
-                 region text);
-             CREATE PUBLICATION compare_pub FOR TABLE outboxevent WITH (publish = 'insert');",
-        )
+                 region text,
+                 {TYPED_COLUMNS});
+             CREATE PUBLICATION compare_pub FOR TABLE outboxevent WITH (publish = 'insert');"
+        ))
         .await
         .expect("create the outbox table");
     let url_db = {
@@ -201,7 +226,7 @@ async fn main() {
         ("o-4", "OrderClosed", Some("null"), None, None),
         ("o-5", "OrderDeleted", None, None, None),
     ];
-    let count = rows.len() + 2;
+    let count = rows.len() + 2 + TYPED_ROWS.len();
     let user = config.get_user().unwrap_or("postgres").to_owned();
     let password = config
         .get_password()
@@ -283,6 +308,21 @@ async fn main() {
             .expect("insert");
     }
     transaction.commit().await.expect("commit");
+    let typed_columns: Vec<&str> = PLACED[2..].to_vec();
+    for (n, values) in TYPED_ROWS.iter().enumerate() {
+        let values = values.trim_start_matches('(');
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO outboxevent (aggregatetype, aggregateid, type, payload, {})
+                     VALUES ($1, 'typed-{n}', 'Typed', '{{}}', {values}",
+                    typed_columns.join(", ")
+                ),
+                &[&aggregate],
+            )
+            .await
+            .expect("insert a typed row");
+    }
 
     let mut from_dbz = Vec::new();
     while from_dbz.len() < count {

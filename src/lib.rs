@@ -9,7 +9,8 @@
 //!   connection alike; [`postgres::tls`] puts both on rustls.
 //! - [`postgres::stream`]: the walsender stream of the slot (replication protocol).
 //! - [`postgres::pgoutput`]: decodes each `pgoutput` message.
-//! - [`outbox`]: turns an inserted outbox row into a Kafka record.
+//! - [`outbox`]: turns an inserted outbox row into a Kafka record; [`debezium_values`]
+//!   writes column values in headers as Debezium does, under `--preset debezium`.
 //! - [`kafka`]: the idempotent producer, its error classes, the partition fence that makes
 //!   publishing exactly-once across restarts, the pipeline of deliveries.
 //! - [`dead_letter`]: the record for an event that can never be published.
@@ -29,6 +30,7 @@ pub mod cleanup;
 pub mod config;
 pub mod config_file;
 pub mod dead_letter;
+pub mod debezium_values;
 pub mod error;
 pub mod http;
 pub mod kafka;

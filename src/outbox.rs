@@ -9,6 +9,8 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 
+use crate::debezium_values::Rendering;
+
 use crate::lsn::Lsn;
 use crate::postgres::pgoutput::{Insert, Relation, Value};
 
@@ -81,6 +83,9 @@ pub struct ColumnNames {
     /// Every column not named above (and not `created_at`) becomes a header with its text
     /// value, as Debezium's `table.fields.additional.placement` does.
     pub extra_columns_as_headers: bool,
+    /// Column values in headers are written as Debezium's converters write them
+    /// ([`crate::debezium_values`]); otherwise as PostgreSQL's text form.
+    pub debezium_values: bool,
     /// A NULL payload becomes a record with a null value (a tombstone, which deletes the
     /// key in a compacted topic), as Debezium's EventRouter does; otherwise it is an error.
     pub null_payload_is_tombstone: bool,
@@ -113,6 +118,7 @@ impl ColumnNames {
             payload: "payload".into(),
             headers: "headers".into(),
             extra_columns_as_headers: true,
+            debezium_values: true,
             null_payload_is_tombstone: true,
         }
     }
@@ -132,6 +138,7 @@ impl Default for ColumnNames {
             payload: "payload".into(),
             headers: "headers".into(),
             extra_columns_as_headers: false,
+            debezium_values: false,
             null_payload_is_tombstone: false,
         }
     }
@@ -224,8 +231,9 @@ struct Layout {
     event_type: usize,
     payload: usize,
     headers: Option<usize>,
-    /// Columns carried as headers: `traceparent` always, others with the Debezium preset.
-    header_columns: Vec<(usize, String)>,
+    /// Columns carried as headers: `traceparent` always, others with the Debezium preset;
+    /// with how their values are written.
+    header_columns: Vec<(usize, String, Rendering)>,
 }
 
 /// Maps inserts to events, remembering each table's layout from its Relation message.
@@ -276,7 +284,14 @@ impl Mapper {
                         column.name == TRACEPARENT
                             || (self.names.extra_columns_as_headers && !self.names.is_known(&column.name))
                     })
-                    .map(|(index, column)| (index, column.name.clone()))
+                    .map(|(index, column)| {
+                        let rendering = if self.names.debezium_values {
+                            crate::debezium_values::rendering(column.type_oid, column.type_modifier)
+                        } else {
+                            Rendering::Text
+                        };
+                        (index, column.name.clone(), rendering)
+                    })
                     .collect(),
             })
         })();
@@ -339,9 +354,9 @@ impl Mapper {
                 extra_headers(json, &mut headers).map_err(with_id)?;
             }
         }
-        for (index, name) in &layout.header_columns {
+        for (index, name, rendering) in &layout.header_columns {
             match value(*index).map_err(with_id)? {
-                Some(text) => headers.push((name.clone().into(), Some(text.clone()))),
+                Some(text) => headers.push((name.clone().into(), Some(header_value(*rendering, text)))),
                 // Debezium's EventRouter places a NULL extra column as a header with a
                 // null value; a NULL traceparent means no trace, so no header.
                 None if name != TRACEPARENT => headers.push((name.clone().into(), None)),
@@ -359,6 +374,18 @@ impl Mapper {
             position,
         })
     }
+}
+
+/// A column's value as a header: PostgreSQL's text, or as Debezium writes it (a value
+/// that cannot be read that way keeps PostgreSQL's text).
+fn header_value(rendering: Rendering, text: &Bytes) -> Bytes {
+    if rendering == Rendering::Text {
+        return text.clone();
+    }
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(|text| crate::debezium_values::render(rendering, text))
+        .map_or_else(|| text.clone(), Bytes::from)
 }
 
 /// The prefix of logical decoding messages that are outbox events (table-less mode).
@@ -560,6 +587,60 @@ mod tests {
         assert_eq!(header("traceparent"), Some(Some(Bytes::from_static(b"00-ab"))));
         assert_eq!(header("n"), Some(Some(Bytes::from_static(b"1"))));
         assert_eq!(header("gone"), Some(None));
+    }
+
+    #[test]
+    fn the_debezium_preset_writes_typed_columns_as_debezium_does() {
+        let mut mapper = Mapper::new(
+            TopicTemplate::parse("outbox.event.{aggregate_type}").unwrap_or_else(|e| panic!("{e}")),
+            ColumnNames::debezium(),
+            "app/outbox_relay",
+        );
+        let column = |name: &str, type_oid: u32| crate::postgres::pgoutput::Column {
+            flags: 0,
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+        };
+        mapper.relation(&Relation {
+            id: 7,
+            namespace: "public".into(),
+            name: "outboxevent".into(),
+            replica_identity: b'd',
+            columns: vec![
+                column("id", 2950),
+                column("aggregatetype", 25),
+                column("aggregateid", 25),
+                column("type", 25),
+                column("payload", 3802),
+                column("placed_at", 1184),
+                column("urgent", 16),
+                column("tenant", 25),
+            ],
+        });
+        let Ok(Message::Insert(row)) = decode(&Bytes::from(build::insert(
+            7,
+            &[
+                Some("0b5c"),
+                Some("order"),
+                Some("o-1"),
+                Some("OrderPlaced"),
+                Some("{}"),
+                Some("2026-11-29 17:00:00.5+01"),
+                Some("t"),
+                Some("acme"),
+            ],
+        ))) else {
+            panic!("insert did not decode");
+        };
+        let event = mapper.map(&row, POSITION).unwrap_or_else(|e| panic!("{e}"));
+        let header = |name: &str| event.headers.iter().find(|(key, _)| key == name).map(|(_, v)| v.clone());
+        assert_eq!(
+            header("placed_at"),
+            Some(Some(Bytes::from_static(b"2026-11-29T16:00:00.500000Z")))
+        );
+        assert_eq!(header("urgent"), Some(Some(Bytes::from_static(b"true"))));
+        assert_eq!(header("tenant"), Some(Some(Bytes::from_static(b"acme"))));
     }
 
     #[test]

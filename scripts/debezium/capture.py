@@ -2,9 +2,10 @@
 outbox table and prints each routed record as a JSON line prefixed with "RECORD ".
 
 Used by examples/debezium_compare.rs (scripts/debezium-compare) to check outbox-relay's
-`--preset debezium` against the real thing. Records are taken after the router, before any
-converter, so keys, values and headers are compared as Debezium hands them to Kafka with
-StringConverter (the usual outbox deployment).
+`--preset debezium` against the real thing. Records are taken after the router; keys and
+values as StringConverter writes them (the usual outbox deployment), headers as Kafka
+Connect's default header converter (SimpleHeaderConverter) writes them, i.e. the bytes a
+Kafka Connect or Debezium Server deployment puts in Kafka.
 
 usage: capture.py HOST PORT DATABASE USER PASSWORD SLOT PUBLICATION COUNT PLACEMENT
 Stops after COUNT records.
@@ -13,6 +14,7 @@ import json
 import sys
 import threading
 
+import jpype
 from engine import outbox_properties
 from pydbzengine import BasePythonChangeHandler, DebeziumEngine
 
@@ -24,14 +26,20 @@ class Capture(BasePythonChangeHandler):
         self.engine_box = engine_box
         self.want = want
         self.seen = 0
+        self.converter = None
+
+    def header_text(self, topic, header):
+        if self.converter is None:
+            self.converter = jpype.JClass("org.apache.kafka.connect.storage.SimpleHeaderConverter")()
+            self.converter.configure(jpype.JClass("java.util.HashMap")())
+        data = self.converter.fromConnectHeader(topic, header.key(), header.schema(), header.value())
+        return None if data is None else bytes(data).decode("utf-8")
 
     def handleJsonBatch(self, records):
         for record in records:
-            headers = []
-            for header in record.headers():
-                value = header.getValue()
-                headers.append([str(header.getKey()), None if value is None else str(value)])
             source = record.value()  # the routed SourceRecord
+            topic = str(record.destination())
+            headers = [[str(h.key()), self.header_text(topic, h)] for h in source.headers()]
             print("RECORD " + json.dumps({
                 "topic": str(record.destination()),
                 "key": None if source.key() is None else str(source.key()),
