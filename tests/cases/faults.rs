@@ -11,6 +11,14 @@ use crate::support::{connect, Record, TestDb};
 /// How long the broker stays frozen.
 const OUTAGE: Duration = Duration::from_secs(60);
 
+/// Waits until the relay has confirmed everything written so far (so every record it
+/// published is in the topic), then reads until the topic has been quiet for a second:
+/// a late duplicate is counted, not missed.
+async fn read_until_settled(db: &TestDb, consumer: &mut Consumer) {
+    db.wait_all_confirmed().await;
+    consumer.read_until_quiet(Duration::from_secs(1));
+}
+
 /// The time of the walsender's last standby status reply for this test's slot.
 async fn last_reply(db: &TestDb) -> Option<String> {
     db.client
@@ -67,7 +75,7 @@ async fn a_broker_outage_never_lets_the_slot_pass_an_unacknowledged_event() {
     consumer.read_until(Duration::from_secs(90), "every event after the outage", |records| {
         records.iter().map(Record::id).collect::<HashSet<_>>() == ids
     });
-    consumer.read_until_quiet(Duration::from_secs(1));
+    read_until_settled(&db, &mut consumer).await;
     assert_eq!(consumer.records.len(), ids.len(), "duplicates after the outage");
     let first_outage_commit = consumer
         .records
@@ -108,7 +116,7 @@ async fn a_relay_killed_mid_stream_loses_nothing_after_restart() {
     consumer.read_until(Duration::from_secs(120), "every committed event", |records| {
         records.iter().map(Record::id).collect::<HashSet<_>>().is_superset(&ids)
     });
-    consumer.read_until_quiet(Duration::from_secs(1));
+    read_until_settled(&db, &mut consumer).await;
     let unique: HashSet<String> = consumer.records.iter().map(Record::id).collect();
     let duplicates = consumer.records.len() - unique.len();
     eprintln!(
@@ -149,6 +157,7 @@ async fn sigterm_confirms_what_was_acknowledged_and_exits_zero() {
     consumer.read_until(Duration::from_secs(60), "the marker", |records| {
         records.iter().any(|r| r.id() == marker)
     });
+    read_until_settled(&db, &mut consumer).await;
     assert_eq!(consumer.records.len(), ids.len() + 1, "events were published twice");
     assert_commit_order_per_key(&consumer.records);
     db.drop().await;
@@ -185,7 +194,8 @@ async fn a_dropped_replication_connection_is_resumed() {
     consumer.read_until(Duration::from_secs(60), "every event after the reconnect", |records| {
         records.iter().map(Record::id).collect::<HashSet<_>>() == ids
     });
-    db.wait_all_confirmed().await;
+    read_until_settled(&db, &mut consumer).await;
+    assert_eq!(consumer.records.len(), ids.len(), "events were published twice across the reconnect");
     assert!(
         relay
             .log_text()

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::cases::delivery::assert_commit_order_per_key;
 use crate::support::kafka::Consumer;
-use crate::support::{connect, Record, TestDb};
+use crate::support::{connect, eventually, Record, TestDb};
 
 /// Writes events in transactions of mixed sizes (1 to 20 rows, now and then 300), rolling
 /// back about one in ten; returns the ids of the committed events.
@@ -68,14 +68,26 @@ async fn a_crash_loop_of_twenty_sigkills_loses_and_duplicates_nothing() {
     let writers: Vec<_> = (0..4)
         .map(|w| tokio::spawn(write_mixed(db.url.clone(), w, 25_000)))
         .collect();
+    let mut writers = writers;
     let mut relay = db.relay();
     let mut state = 0x9E37_79B9u64;
     let mut kills = 0;
     while kills < 20 || writers.iter().any(|w| !w.is_finished()) {
+        // Every kill lands mid-stream: keep writing until the twentieth.
+        if writers.iter().all(|w| w.is_finished()) {
+            writers.push(tokio::spawn(write_mixed(db.url.clone(), 4 + kills, 2_000)));
+        }
         state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-        // Let the relay run 50-550 ms (long enough to start and publish), then kill it.
+        // Let the relay run 50-550 ms, then wait until it has events in flight (handed
+        // to Kafka, not yet acknowledged) and kill it at once.
         tokio::time::sleep(Duration::from_millis(50 + (state >> 33) % 500)).await;
+        let in_flight = eventually(Duration::from_secs(60), "events in flight before a kill", || async {
+            let in_flight = relay.metric("outbox_relay_events_in_flight");
+            (in_flight > 0.0).then_some(in_flight)
+        })
+        .await;
         relay.kill_hard();
+        assert!(in_flight > 0.0);
         kills += 1;
         relay = db.relay();
     }
@@ -89,7 +101,7 @@ async fn a_crash_loop_of_twenty_sigkills_loses_and_duplicates_nothing() {
         records.len() >= ids.len()
     });
     consumer.read_until_quiet(Duration::from_secs(2));
-    eprintln!("crash loop: {kills} SIGKILLs");
+    eprintln!("crash loop: {kills} SIGKILLs, each with events in flight");
     assert_exactly_once(&consumer.records, &ids);
     drop(relay);
     db.drop().await;

@@ -6,6 +6,9 @@ use std::time::Duration;
 use crate::support::kafka::Consumer;
 use crate::support::TestDb;
 
+/// The relay's memory is bounded by its in-flight window, not by the transaction.
+const MAX_PEAK_RSS_KIB: u64 = 128 * 1024;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_transaction_of_200_000_rows_arrives_whole() {
     let db = TestDb::new("bigtx").await;
@@ -26,10 +29,18 @@ async fn one_transaction_of_200_000_rows_arrives_whole() {
     let unique: HashSet<String> = consumer.records.iter().map(|r| r.id()).collect();
     assert_eq!(unique.len(), 200_000);
     db.wait_confirmed(written_up_to, Duration::from_secs(60)).await;
-    let peak = relay.peak_rss_kib().unwrap_or(0);
+    let peak = relay.peak_rss_kib().expect("the relay's peak RSS (VmHWM)");
     eprintln!(
         "bigtx: 200000 events in one transaction, relay peak RSS {} MiB",
         peak / 1024
+    );
+    // docs/performance.md measures ~26 MiB; the bound is generous, but a relay that held
+    // the transaction (200,000 records) in memory would pass it.
+    assert!(
+        peak < MAX_PEAK_RSS_KIB,
+        "the relay's peak RSS was {} MiB, above the bound of {} MiB",
+        peak / 1024,
+        MAX_PEAK_RSS_KIB / 1024
     );
     db.drop().await;
 }
