@@ -23,13 +23,19 @@ pub enum Rendering {
     /// Days since 1970-01-01 (`io.debezium.time.Date`).
     Date,
     /// Since midnight, in milliseconds for `time(0..3)` (`Time`), else microseconds (`MicroTime`).
-    Time { micros: bool },
+    Time {
+        micros: bool,
+    },
     /// ISO 8601 in UTC, as `ZonedTime` (`14:00:00.5Z`).
     TimeTz,
     /// Since the epoch, in milliseconds for `timestamp(0..3)`, else microseconds.
-    Timestamp { micros: bool },
+    Timestamp {
+        micros: bool,
+    },
     /// ISO 8601 in UTC with the column's fraction digits, as `ZonedTimestamp`.
-    TimestampTz { digits: u8 },
+    TimestampTz {
+        digits: u8,
+    },
     /// Base64 of the bytes.
     Bytea,
     /// `numeric` without a scale: `VariableScaleDecimal`, a struct of scale and unscaled
@@ -312,7 +318,10 @@ fn java_float(text: &str) -> Option<String> {
         let (whole, fraction) = if point <= 0 {
             ("0".to_owned(), format!("{}{digits}", "0".repeat((-point) as usize)))
         } else if point as usize >= digits.len() {
-            (format!("{digits}{}", "0".repeat(point as usize - digits.len())), String::new())
+            (
+                format!("{digits}{}", "0".repeat(point as usize - digits.len())),
+                String::new(),
+            )
         } else {
             (digits[..point as usize].to_owned(), digits[point as usize..].to_owned())
         };
@@ -392,11 +401,31 @@ mod tests {
     #[test]
     fn values_render_as_debezium_wrote_them() {
         let cases: [(Rendering, &str, &str); 22] = [
-            (Rendering::TimestampTz { digits: 6 }, "2026-11-29 16:00:00.123456+00", "2026-11-29T16:00:00.123456Z"),
-            (Rendering::TimestampTz { digits: 6 }, "1969-07-20 20:17:40+00", "1969-07-20T20:17:40.000000Z"),
-            (Rendering::TimestampTz { digits: 6 }, "2026-11-30 01:30:00+05:30", "2026-11-29T20:00:00.000000Z"),
-            (Rendering::Timestamp { micros: true }, "2026-11-29 16:00:00.123456", "1795968000123456"),
-            (Rendering::Timestamp { micros: true }, "1969-07-20 20:17:40", "-14182940000000"),
+            (
+                Rendering::TimestampTz { digits: 6 },
+                "2026-11-29 16:00:00.123456+00",
+                "2026-11-29T16:00:00.123456Z",
+            ),
+            (
+                Rendering::TimestampTz { digits: 6 },
+                "1969-07-20 20:17:40+00",
+                "1969-07-20T20:17:40.000000Z",
+            ),
+            (
+                Rendering::TimestampTz { digits: 6 },
+                "2026-11-30 01:30:00+05:30",
+                "2026-11-29T20:00:00.000000Z",
+            ),
+            (
+                Rendering::Timestamp { micros: true },
+                "2026-11-29 16:00:00.123456",
+                "1795968000123456",
+            ),
+            (
+                Rendering::Timestamp { micros: true },
+                "1969-07-20 20:17:40",
+                "-14182940000000",
+            ),
             (Rendering::Date, "2026-11-29", "20786"),
             (Rendering::Date, "1969-07-20", "-165"),
             (Rendering::Time { micros: true }, "16:00:00.123456", "57600123456"),
@@ -412,15 +441,31 @@ mod tests {
                 "3.14159265358979323846",
                 "{\"scale\":20,\"value\":\"EQfV61tbpNfG\"}",
             ),
-            (Rendering::VariableDecimal, "0.0000000001", "{\"scale\":10,\"value\":\"AQ==\"}"),
-            (Rendering::Array(Element::Quoted), "{a,\"b c\",\"q\\\"uote\",NULL}", "[\"a\",\"b c\",\"q\\\"uote\",null]"),
+            (
+                Rendering::VariableDecimal,
+                "0.0000000001",
+                "{\"scale\":10,\"value\":\"AQ==\"}",
+            ),
+            (
+                Rendering::Array(Element::Quoted),
+                "{a,\"b c\",\"q\\\"uote\",NULL}",
+                "[\"a\",\"b c\",\"q\\\"uote\",null]",
+            ),
             (Rendering::Array(Element::Plain), "{1,2,3}", "[1,2,3]"),
             (Rendering::Array(Element::Plain), "{}", "[]"),
             (Rendering::Text, "1234567890.12", "1234567890.12"),
-            (Rendering::Text, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            (
+                Rendering::Text,
+                "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+                "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            ),
         ];
         for (rendering, text, expected) in cases {
-            assert_eq!(render(rendering, text).as_deref(), Some(expected), "{rendering:?} {text}");
+            assert_eq!(
+                render(rendering, text).as_deref(),
+                Some(expected),
+                "{rendering:?} {text}"
+            );
         }
     }
 

@@ -634,7 +634,13 @@ mod tests {
             panic!("insert did not decode");
         };
         let event = mapper.map(&row, POSITION).unwrap_or_else(|e| panic!("{e}"));
-        let header = |name: &str| event.headers.iter().find(|(key, _)| key == name).map(|(_, v)| v.clone());
+        let header = |name: &str| {
+            event
+                .headers
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, v)| v.clone())
+        };
         assert_eq!(
             header("placed_at"),
             Some(Some(Bytes::from_static(b"2026-11-29T16:00:00.500000Z")))

@@ -331,3 +331,125 @@ fn position_from<'a>(
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOURCE: &str = "app/outbox_relay";
+
+    fn position(commit_lsn: u64, index: u32) -> SourcePosition {
+        SourcePosition {
+            commit_lsn: Lsn(commit_lsn),
+            index,
+        }
+    }
+
+    /// A fence whose producer points nowhere: routing and bookkeeping never reach Kafka.
+    fn fence(exactly_once: bool) -> Fence {
+        let settings = ProducerSettings {
+            bootstrap_servers: "127.0.0.1:9".into(),
+            properties: Vec::new(),
+        };
+        let producer = Producer::new(&settings).unwrap_or_else(|e| panic!("{e}"));
+        Fence::new(producer, &settings, SOURCE.into(), exactly_once)
+    }
+
+    #[test]
+    fn a_record_is_ours_only_with_our_source_and_a_whole_position() {
+        let headers = |source: &'static str| {
+            vec![
+                ("outbox.source", Some(source.as_bytes())),
+                ("outbox.commit_lsn", Some(b"1/A0".as_slice())),
+                ("outbox.tx_index", Some(b"3".as_slice())),
+            ]
+        };
+        assert_eq!(
+            position_from(headers(SOURCE).into_iter(), SOURCE),
+            Some(position(0x1_0000_00A0, 3))
+        );
+        assert_eq!(position_from(headers("other/slot").into_iter(), SOURCE), None);
+        let without_index = vec![
+            ("outbox.source", Some(SOURCE.as_bytes())),
+            ("outbox.commit_lsn", Some(b"1/A0".as_slice())),
+        ];
+        assert_eq!(position_from(without_index.into_iter(), SOURCE), None);
+        let garbled = vec![
+            ("outbox.source", Some(SOURCE.as_bytes())),
+            ("outbox.commit_lsn", Some(b"not an lsn".as_slice())),
+            ("outbox.tx_index", Some(b"3".as_slice())),
+        ];
+        assert_eq!(position_from(garbled.into_iter(), SOURCE), None);
+    }
+
+    #[test]
+    fn an_unknown_topic_has_no_route_until_it_is_learned() {
+        let mut fence = fence(true);
+        assert_eq!(fence.route("orders", b"k", position(10, 0)), None);
+        let mut written = HashMap::new();
+        written.insert(0, position(100, 2));
+        written.insert(1, position(100, 2));
+        written.insert(2, position(100, 2));
+        written.insert(3, position(100, 2));
+        let id = fence.learned("orders", TopicTail { partitions: 4, written });
+        assert_eq!(fence.topic_name(id), "orders");
+        let route = fence
+            .route("orders", b"k", position(10, 0))
+            .unwrap_or_else(|| panic!("learned"));
+        assert_eq!(route.partition, partition_for(b"k", 4));
+        // At or before the partition's last written position: an earlier run wrote it.
+        assert!(route.already_written);
+        assert!(fence
+            .route("orders", b"k", position(100, 2))
+            .is_some_and(|r| r.already_written));
+        assert!(fence
+            .route("orders", b"k", position(100, 3))
+            .is_some_and(|r| !r.already_written));
+        assert!(fence
+            .route("orders", b"k", position(101, 0))
+            .is_some_and(|r| !r.already_written));
+        // Learning again keeps what is known.
+        assert_eq!(fence.learned("orders", TopicTail::default()), id);
+    }
+
+    #[test]
+    fn acknowledgements_raise_a_partitions_position_and_never_lower_it() {
+        let mut fence = fence(true);
+        let id = fence.learned(
+            "orders",
+            TopicTail {
+                partitions: 1,
+                written: HashMap::new(),
+            },
+        );
+        assert!(fence
+            .route("orders", b"k", position(50, 0))
+            .is_some_and(|r| !r.already_written));
+        fence.written(id, 0, position(50, 1));
+        fence.written(id, 0, position(40, 0));
+        assert!(fence
+            .route("orders", b"k", position(50, 1))
+            .is_some_and(|r| r.already_written));
+        assert!(fence
+            .route("orders", b"k", position(50, 2))
+            .is_some_and(|r| !r.already_written));
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_cannot_answer_is_a_transient_failure_of_the_read() {
+        // Nothing listens on port 9: metadata never arrives, within the fence's bound.
+        let fence = fence(false);
+        let started = Instant::now();
+        let outcome = fence
+            .read_topic("orders")
+            .await
+            .unwrap_or_else(|_| panic!("the reading thread answers"));
+        let error = outcome.err().unwrap_or_else(|| panic!("no broker, no partitions"));
+        assert_eq!(error.class(), ErrorClass::Transient, "{error}");
+        assert!(
+            started.elapsed() < METADATA_TIMEOUT * 3,
+            "bounded: {:?}",
+            started.elapsed()
+        );
+    }
+}

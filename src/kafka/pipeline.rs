@@ -132,3 +132,72 @@ impl<T: Unpin> Future for Tagged<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::producer::ProducerSettings;
+    use crate::lsn::Lsn;
+    use crate::outbox::{OutboxEvent, SourcePosition};
+
+    fn event(id: &str) -> OutboxEvent {
+        OutboxEvent {
+            id: id.into(),
+            topic: "orders".into(),
+            key: bytes::Bytes::from_static(b"k"),
+            payload: Some(bytes::Bytes::from_static(b"{}")),
+            headers: Vec::new(),
+            position: SourcePosition {
+                commit_lsn: Lsn(1),
+                index: 0,
+            },
+        }
+    }
+
+    /// A producer with no broker to reach (nothing listens on port 9).
+    fn producer(properties: &[(&str, &str)]) -> Producer {
+        Producer::new(&ProducerSettings {
+            bootstrap_servers: "127.0.0.1:9".into(),
+            properties: properties
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[tokio::test]
+    async fn an_undelivered_record_comes_back_with_its_tag_as_a_transient_failure() {
+        let mut pipeline = Pipeline::new(producer(&[("message.timeout.ms", "200")]));
+        for n in 0..3 {
+            pipeline
+                .submit(&event(&format!("e{n}")), 0, n)
+                .unwrap_or_else(|e| panic!("{e:?}"));
+        }
+        assert_eq!(pipeline.len(), 3);
+        let mut tags = Vec::new();
+        while let Some(ack) = pipeline.next_ack().await {
+            let failure = ack.result.err().unwrap_or_else(|| panic!("no broker, no delivery"));
+            assert_eq!(failure.class, ErrorClass::Transient, "{}", failure.error);
+            // The record itself comes back, to be dead-lettered with its bytes if need be.
+            assert!(failure.record.is_some());
+            tags.push(ack.tag);
+        }
+        tags.sort_unstable();
+        assert_eq!(tags, vec![0, 1, 2]);
+        assert!(pipeline.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_producer_queue_asks_the_caller_to_wait() {
+        let mut pipeline = Pipeline::new(producer(&[("queue.buffering.max.messages", "1")]));
+        pipeline
+            .submit(&event("first"), 0, ())
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(matches!(
+            pipeline.submit(&event("second"), 0, ()),
+            Err(SubmitError::QueueFull)
+        ));
+        assert_eq!(pipeline.len(), 1);
+    }
+}

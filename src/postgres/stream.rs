@@ -390,3 +390,54 @@ fn no_attempt<T>() -> Result<T, StreamError> {
 fn refused_plain(error: &StreamError) -> bool {
     requires_tls(&error.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(text: &str) -> StreamError {
+        StreamError::from_pgwire(PgWireError::Server(text.into()), "outbox_relay")
+    }
+
+    #[test]
+    fn a_slot_held_elsewhere_is_waited_for() {
+        let error = server("replication slot \"outbox_relay\" is active for PID 42 (SQLSTATE 55006)");
+        assert!(matches!(&error, StreamError::SlotInUse { slot, .. } if slot == "outbox_relay"));
+        assert!(error.is_transient());
+    }
+
+    #[test]
+    fn a_server_shutting_down_or_a_dropped_connection_is_transient() {
+        for text in [
+            "terminating connection due to administrator command (SQLSTATE 57P01)",
+            "the database system is starting up (SQLSTATE 57P03)",
+            "sorry, too many clients already (SQLSTATE 53300)",
+        ] {
+            assert!(server(text).is_transient(), "{text}");
+        }
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer");
+        let error = StreamError::from_pgwire(PgWireError::Io(Arc::new(reset)), "outbox_relay");
+        assert!(error.is_transient());
+        assert!(StreamError::from_pgwire(PgWireError::Task("worker ended".into()), "s").is_transient());
+    }
+
+    #[test]
+    fn a_role_without_replication_is_fatal_and_says_how_to_fix_it() {
+        let error = server("permission denied to start WAL sender (SQLSTATE 42501)");
+        assert_eq!(error.class(), ErrorClass::Fatal);
+        assert_eq!(error.sqlstate(), Some("42501"));
+        assert!(error.to_string().contains("ALTER ROLE"), "{error}");
+    }
+
+    #[test]
+    fn refusals_without_a_known_cause_are_fatal() {
+        assert!(!server("replication slot \"x\" does not exist (SQLSTATE 42704)").is_transient());
+        assert!(!server("something without a code").is_transient());
+        let auth = StreamError::from_pgwire(
+            PgWireError::Auth("password authentication failed for user \"relay\" (SQLSTATE 28P01)".into()),
+            "s",
+        );
+        assert_eq!(auth.class(), ErrorClass::Fatal);
+        assert!(auth.is_authentication_failure());
+    }
+}

@@ -195,7 +195,11 @@ async fn a_dropped_replication_connection_is_resumed() {
         records.iter().map(Record::id).collect::<HashSet<_>>() == ids
     });
     read_until_settled(&db, &mut consumer).await;
-    assert_eq!(consumer.records.len(), ids.len(), "events were published twice across the reconnect");
+    assert_eq!(
+        consumer.records.len(),
+        ids.len(),
+        "events were published twice across the reconnect"
+    );
     assert!(
         relay
             .log_text()
