@@ -19,18 +19,16 @@ use crate::kafka::{
     is_too_large, Acked, Failure, Fence, FenceError, Pipeline, Producer, ProducerSettings, Route, SubmitError, TopicId,
 };
 use crate::lsn::Lsn;
-use crate::metrics::{Health, Metrics};
+use crate::metrics::Metrics;
 use crate::monitor::Monitor;
 use crate::outbox::{ColumnNames, Mapper, OutboxEvent, SourcePosition, TopicTemplate};
 use crate::postgres::connection::Database;
-use crate::postgres::pgoutput::{Insert, Message};
+use crate::postgres::pgoutput::Message;
 use crate::postgres::slot;
 use crate::postgres::stream::{ReplicationStream, StreamError, StreamEvent};
 use crate::progress::{Progress, TxnId};
+use crate::readiness::Health;
 use crate::shutdown::Shutdown;
-
-/// PostgreSQL's epoch (2000-01-01) in Unix microseconds.
-const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 /// How often a standby relay asks for the slot while another process holds it.
 const SLOT_RETRY: Duration = Duration::from_secs(1);
@@ -409,7 +407,7 @@ impl Relay {
         }
         // Streamed before, and the server reached now has no slot: it was failed over to.
         if info.is_none() && self.progress.is_some() {
-            let before = self.published_before.unwrap_or_else(crate::monitor::now_micros);
+            let before = self.published_before.unwrap_or_else(crate::clock::now_micros);
             let time = std::time::UNIX_EPOCH + Duration::from_micros(before.max(0) as u64);
             return Err(RelayError::from(slot::SlotProblem::GoneAfterFailover {
                 slot: self.settings.slot.clone(),
@@ -508,7 +506,7 @@ impl Relay {
                 if open.is_some() {
                     return Err(RelayError::Protocol("Begin inside an open transaction".into()).into());
                 }
-                let commit_time = begin.commit_time + POSTGRES_EPOCH_MICROS;
+                let commit_time = crate::clock::from_postgres(begin.commit_time);
                 self.last_read_commit_time = Some(commit_time);
                 let id = self.progress()?.begin(commit_time);
                 *open = Some(OpenTxn {
@@ -529,12 +527,20 @@ impl Relay {
             Message::Relation(relation) => self.mapper.relation(&relation),
             Message::Insert(insert) => {
                 let (position, txn) = next_position(open, "Insert")?;
-                self.on_insert(&insert, position, txn, stream).await?;
+                let mapped = self.mapper.map(&insert, position).map_err(|error| {
+                    let (key, payload) = self.mapper.salvage(&insert);
+                    DeadLetter::from_mapping(&error, key, payload)
+                });
+                self.publish_mapped(mapped, txn, stream).await?;
             }
             // A table-less event, written inside the business transaction.
             Message::Logical(message) if message.transactional && message.prefix == crate::outbox::MESSAGE_PREFIX => {
                 let (position, txn) = next_position(open, "outbox message")?;
-                self.on_message_event(&message.content, position, txn, stream).await?;
+                let mapped = self
+                    .mapper
+                    .map_message(&message.content, position)
+                    .map_err(|error| DeadLetter::from_mapping(&error, None, Some(message.content.clone())));
+                self.publish_mapped(mapped, txn, stream).await?;
             }
             // Our heartbeat: everything before it has been sent, like a keepalive.
             Message::Logical(message) if !message.transactional && message.prefix == crate::monitor::PREFIX => {
@@ -556,37 +562,17 @@ impl Relay {
         Ok(())
     }
 
-    async fn on_insert(
+    /// Publishes a mapped event, or dead-letters what could not be mapped.
+    async fn publish_mapped(
         &mut self,
-        insert: &Insert,
-        position: SourcePosition,
+        mapped: Result<OutboxEvent, DeadLetter>,
         txn: TxnRef,
         stream: &ReplicationStream,
     ) -> Result<(), Interrupt> {
-        match self.mapper.map(insert, position) {
+        match mapped {
             Ok(event) => self.publish(event, txn, stream).await,
-            Err(error) => {
-                tracing::warn!(%error, "outbox row cannot be published");
-                let (key, payload) = self.mapper.salvage(insert);
-                self.dead_letter(DeadLetter::from_mapping(&error, key, payload), txn, stream)
-                    .await
-            }
-        }
-    }
-
-    /// A table-less event: a transactional logical message with the outbox prefix.
-    async fn on_message_event(
-        &mut self,
-        content: &bytes::Bytes,
-        position: SourcePosition,
-        txn: TxnRef,
-        stream: &ReplicationStream,
-    ) -> Result<(), Interrupt> {
-        match self.mapper.map_message(content, position) {
-            Ok(event) => self.publish(event, txn, stream).await,
-            Err(error) => {
-                tracing::warn!(%error, "outbox message cannot be published");
-                let letter = DeadLetter::from_mapping(&error, None, Some(content.clone()));
+            Err(letter) => {
+                tracing::warn!(reason = %letter.reason, "outbox event cannot be published");
                 self.dead_letter(letter, txn, stream).await
             }
         }
@@ -794,7 +780,7 @@ impl Relay {
                 if !tag.dead_letter {
                     self.metrics.events_published.inc();
                     self.metrics.bytes_published.inc_by(tag.payload_bytes);
-                    let age = crate::monitor::now_micros().saturating_sub(tag.commit_time);
+                    let age = crate::clock::now_micros().saturating_sub(tag.commit_time);
                     self.metrics.commit_to_ack_seconds.observe(age.max(0) as f64 / 1e6);
                 }
                 let moved = self.progress()?.acked(tag.txn.id);

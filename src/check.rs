@@ -294,6 +294,16 @@ async fn replication_role(client: &Client) -> Result<Item, tokio_postgres::Error
     ))
 }
 
+/// The first column of every row `sql` returns for `parameter`.
+async fn texts(client: &Client, sql: &str, parameter: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+    Ok(client
+        .query(sql, &[&parameter])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect())
+}
+
 async fn publication(settings: &RelaySettings, client: &Client) -> Result<Vec<Item>, tokio_postgres::Error> {
     let name = &settings.publication;
     let Some(row) = client
@@ -318,15 +328,12 @@ async fn publication(settings: &RelaySettings, client: &Client) -> Result<Vec<It
             format!("ALTER PUBLICATION {name} SET (publish = 'insert');"),
         )]);
     }
-    let tables: Vec<String> = client
-        .query(
-            "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
-            &[name],
-        )
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let tables = texts(
+        client,
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+        name,
+    )
+    .await?;
     if tables.is_empty() {
         return Ok(vec![Item::warn(
             format!(
@@ -341,15 +348,12 @@ async fn publication(settings: &RelaySettings, client: &Client) -> Result<Vec<It
     ))];
     let required = settings.columns.required();
     for table in &tables {
-        let present: Vec<String> = client
-            .query(
-                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
-                &[table],
-            )
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
+        let present = texts(
+            client,
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
+            table,
+        )
+        .await?;
         let missing: Vec<&str> = required
             .iter()
             .copied()

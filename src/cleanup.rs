@@ -36,7 +36,8 @@ use tokio::sync::watch;
 
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::postgres::connection::{Database, SideConnection};
+use crate::periodic::{Flow, Periodic};
+use crate::postgres::connection::Database;
 use crate::shutdown::Shutdown;
 
 /// Rows deleted per statement.
@@ -96,32 +97,14 @@ pub struct Cleaner {
 impl Cleaner {
     /// Marks and deletes until shutdown. Database errors are logged and retried on the
     /// next tick; a missing privilege stops cleanup alone, never the relay.
-    pub async fn run(self, mut shutdown: Shutdown) {
-        let mut ticker = tokio::time::interval(mark_interval(self.retention));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut marks = Marks::default();
-        let mut side = SideConnection::new(self.database.clone(), "cleanup");
-        loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.wait() => return,
-                _ = ticker.tick() => {}
-            }
-            let Some(connection) = side.client().await else {
-                continue;
-            };
-            match self.pass(connection, &mut marks, &mut shutdown).await {
-                Ok(()) => side.succeeded(),
-                Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
-                    tracing::error!(
-                        error = %self.database.connect_error(&error),
-                        "cleanup disabled: the relay's role needs DELETE on the outbox tables (see sql/003_relay_role.sql)"
-                    );
-                    return;
-                }
-                Err(error) => side.failed(&error),
-            }
-        }
+    pub async fn run(self, shutdown: Shutdown) {
+        let period = mark_interval(self.retention);
+        let database = self.database.clone();
+        let mut task = Cleaning {
+            cleaner: self,
+            marks: Marks::default(),
+        };
+        crate::periodic::run(database, "cleanup", period, &mut task, shutdown).await;
     }
 
     /// Takes a mark, then deletes what the newest usable mark covers.
@@ -151,6 +134,32 @@ impl Cleaner {
         }
         tracing::debug!(deleted, mark_lsn = %mark.lsn, marks_kept = marks.len(), "cleanup pass");
         Ok(())
+    }
+}
+
+/// The cleaner and the marks it holds between ticks.
+struct Cleaning {
+    cleaner: Cleaner,
+    marks: Marks,
+}
+
+impl Periodic for Cleaning {
+    async fn tick(
+        &mut self,
+        client: &tokio_postgres::Client,
+        shutdown: &mut Shutdown,
+    ) -> Result<Flow, tokio_postgres::Error> {
+        match self.cleaner.pass(client, &mut self.marks, shutdown).await {
+            Ok(()) => Ok(Flow::Continue),
+            Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+                tracing::error!(
+                    error = %self.cleaner.database.connect_error(&error),
+                    "cleanup disabled: the relay's role needs DELETE on the outbox tables (see sql/003_relay_role.sql)"
+                );
+                Ok(Flow::Stop)
+            }
+            Err(error) => Err(error),
+        }
     }
 }
 

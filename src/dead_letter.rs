@@ -170,13 +170,7 @@ mod tests {
         };
         let event =
             DeadLetter::from_mapping(&error, None, Some(Bytes::from_static(b"{}"))).into_event("dlq", "db/slot");
-        let header = |name: &str| {
-            event
-                .headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .and_then(|(_, v)| v.clone())
-        };
+        let header = |name: &str| event.header(name).flatten().cloned();
         assert_eq!(event.topic, "dlq");
         assert_eq!(event.payload, Some(Bytes::from_static(b"{}")));
         assert_eq!(event.key, Bytes::from_static(b"id-1"));

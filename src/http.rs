@@ -11,7 +11,8 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 
-use crate::metrics::{Health, Metrics};
+use crate::metrics::Metrics;
+use crate::readiness::Health;
 use crate::shutdown::Shutdown;
 
 #[derive(Clone)]

@@ -21,12 +21,14 @@
 //! verdict), [`postgres::slot`]
 //! (inspecting the slot), [`error`] (what ends a run), [`shutdown`] (the stop signal),
 //! [`monitor`] (heartbeat that keeps an idle slot moving; samples slot and broker),
-//! [`cleanup`] (deletes published rows after `--retention`),
-//! [`metrics`] and [`http`] (Prometheus, health and readiness), [`lsn`] (WAL positions).
+//! [`cleanup`] (deletes published rows after `--retention`), both run by [`periodic`],
+//! [`metrics`], [`readiness`] and [`http`] (Prometheus, health and readiness), [`lsn`]
+//! (WAL positions), [`clock`] (Unix and PostgreSQL time).
 
 pub mod app;
 pub mod check;
 pub mod cleanup;
+pub mod clock;
 pub mod config;
 pub mod config_file;
 pub mod dead_letter;
@@ -38,8 +40,10 @@ pub mod lsn;
 pub mod metrics;
 pub mod monitor;
 pub mod outbox;
+pub mod periodic;
 pub mod postgres;
 pub mod progress;
+pub mod readiness;
 pub mod setup;
 pub mod shutdown;
 pub mod status;

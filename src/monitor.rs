@@ -11,24 +11,22 @@
 //! is the replication delay, in seconds, that an operator wants to see.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rdkafka::producer::Producer as _;
+use tokio_postgres::Client;
 
+use crate::clock::now_micros;
 use crate::kafka::Producer;
 use crate::lsn::Lsn;
-use crate::metrics::{Health, Metrics};
-use crate::postgres::connection::{Database, SideConnection};
+use crate::metrics::Metrics;
+use crate::periodic::{Flow, Periodic};
+use crate::postgres::connection::Database;
+use crate::readiness::Health;
 use crate::shutdown::Shutdown;
 
 /// The prefix of heartbeat messages. Other prefixes are the application's.
 pub const PREFIX: &str = "outbox-relay.heartbeat";
-
-pub fn now_micros() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
-}
 
 /// How long ago the heartbeat with this content was written.
 pub fn round_trip(content: &[u8]) -> Option<Duration> {
@@ -53,58 +51,20 @@ pub struct Monitor {
 impl Monitor {
     /// Samples and writes heartbeats until shutdown. Connection problems are logged and
     /// retried at the next tick; a refusal for lack of privilege ends the heartbeat alone.
-    pub async fn run(self, mut shutdown: Shutdown) {
+    pub async fn run(self, shutdown: Shutdown) {
         let tick = if self.heartbeat_interval.is_zero() {
             SAMPLE_INTERVAL
         } else {
             self.heartbeat_interval.min(SAMPLE_INTERVAL)
         };
-        let mut ticker = tokio::time::interval(tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut side = SideConnection::new(self.database.clone(), "monitor");
-        let mut heartbeat = !self.heartbeat_interval.is_zero();
-        let mut last_beat: Option<Instant> = None;
-        let mut last_sample: Option<Instant> = None;
-        loop {
-            tokio::select! {
-                biased;
-                // Shutdown ends the monitor at once; a sample is never worth waiting for.
-                _ = shutdown.wait() => return,
-                _ = ticker.tick() => {}
-            }
-            let Some(connection) = side.client().await else {
-                continue;
-            };
-            let mut failed = None;
-            if heartbeat && last_beat.is_none_or(|at| at.elapsed() >= self.heartbeat_interval) {
-                last_beat = Some(Instant::now());
-                let sent = connection
-                    .execute(
-                        "SELECT pg_logical_emit_message(false, $1, $2)",
-                        &[&PREFIX, &now_micros().to_string()],
-                    )
-                    .await;
-                match sent {
-                    Ok(_) => {}
-                    Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
-                        tracing::warn!(%error, "heartbeat disabled: the relay's role may not call pg_logical_emit_message");
-                        heartbeat = false;
-                    }
-                    Err(error) => failed = Some(error),
-                }
-            }
-            if failed.is_none() && last_sample.is_none_or(|at| at.elapsed() >= SAMPLE_INTERVAL) {
-                last_sample = Some(Instant::now());
-                if let Err(error) = self.sample_slot(connection).await {
-                    failed = Some(error);
-                }
-                self.sample_broker().await;
-            }
-            match failed {
-                None => side.succeeded(),
-                Some(error) => side.failed(&error),
-            }
-        }
+        let mut task = MonitorTask {
+            heartbeat: !self.heartbeat_interval.is_zero(),
+            last_beat: None,
+            last_sample: None,
+            monitor: self,
+        };
+        let database = task.monitor.database.clone();
+        crate::periodic::run(database, "monitor", tick, &mut task, shutdown).await;
     }
 
     async fn sample_slot(&self, client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
@@ -144,6 +104,44 @@ impl Monitor {
         .unwrap_or(false);
         self.health.set_broker_reachable(answered);
         self.metrics.broker_reachable.set(i64::from(answered));
+    }
+}
+
+/// The monitor's state between ticks.
+struct MonitorTask {
+    monitor: Monitor,
+    /// Off once PostgreSQL refused `pg_logical_emit_message` to the role.
+    heartbeat: bool,
+    last_beat: Option<Instant>,
+    last_sample: Option<Instant>,
+}
+
+impl Periodic for MonitorTask {
+    async fn tick(&mut self, client: &Client, _shutdown: &mut Shutdown) -> Result<Flow, tokio_postgres::Error> {
+        let interval = self.monitor.heartbeat_interval;
+        if self.heartbeat && self.last_beat.is_none_or(|at| at.elapsed() >= interval) {
+            self.last_beat = Some(Instant::now());
+            let sent = client
+                .execute(
+                    "SELECT pg_logical_emit_message(false, $1, $2)",
+                    &[&PREFIX, &now_micros().to_string()],
+                )
+                .await;
+            match sent {
+                Ok(_) => {}
+                Err(error) if error.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+                    tracing::warn!(%error, "heartbeat disabled: the relay's role may not call pg_logical_emit_message");
+                    self.heartbeat = false;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        if self.last_sample.is_none_or(|at| at.elapsed() >= SAMPLE_INTERVAL) {
+            self.last_sample = Some(Instant::now());
+            self.monitor.sample_slot(client).await?;
+            self.monitor.sample_broker().await;
+        }
+        Ok(Flow::Continue)
     }
 }
 

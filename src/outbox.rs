@@ -54,6 +54,17 @@ pub struct OutboxEvent {
     pub position: SourcePosition,
 }
 
+impl OutboxEvent {
+    /// The value of the first header called `name`: `None` if there is none,
+    /// `Some(None)` for a header without a value.
+    pub fn header(&self, name: &str) -> Option<Option<&Bytes>> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_ref())
+    }
+}
+
 /// A row that cannot be published as a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("outbox row id={} at commit LSN {} (index {}) cannot be published: {reason}", .id.as_deref().unwrap_or("<unknown>"), .position.commit_lsn, .position.index)]
@@ -568,25 +579,27 @@ mod tests {
         assert_eq!(event.topic, "outbox.event.order");
         assert_eq!(event.key, Bytes::from_static(b"o-1"));
         assert_eq!(event.payload, Some(Bytes::from_static(br#"{"total": 5}"#)));
-        let header = |name: &str| {
-            event
-                .headers
-                .iter()
-                .find(|(key, _)| key == name)
-                .map(|(_, value)| value.clone())
-        };
-        assert_eq!(header("id"), Some(Some(Bytes::from_static(b"0b5c"))));
-        assert_eq!(header("event_type"), Some(Some(Bytes::from_static(b"OrderPlaced"))));
-        assert_eq!(header("aggregate_type"), Some(Some(Bytes::from_static(b"order"))));
-        assert_eq!(header("outbox.commit_lsn"), Some(Some(Bytes::from_static(b"1/A0"))));
-        assert_eq!(header("outbox.tx_index"), Some(Some(Bytes::from_static(b"3"))));
+        assert_eq!(event.header("id"), Some(Some(&Bytes::from_static(b"0b5c"))));
         assert_eq!(
-            header("outbox.source"),
-            Some(Some(Bytes::from_static(b"app/outbox_relay")))
+            event.header("event_type"),
+            Some(Some(&Bytes::from_static(b"OrderPlaced")))
         );
-        assert_eq!(header("traceparent"), Some(Some(Bytes::from_static(b"00-ab"))));
-        assert_eq!(header("n"), Some(Some(Bytes::from_static(b"1"))));
-        assert_eq!(header("gone"), Some(None));
+        assert_eq!(
+            event.header("aggregate_type"),
+            Some(Some(&Bytes::from_static(b"order")))
+        );
+        assert_eq!(
+            event.header("outbox.commit_lsn"),
+            Some(Some(&Bytes::from_static(b"1/A0")))
+        );
+        assert_eq!(event.header("outbox.tx_index"), Some(Some(&Bytes::from_static(b"3"))));
+        assert_eq!(
+            event.header("outbox.source"),
+            Some(Some(&Bytes::from_static(b"app/outbox_relay")))
+        );
+        assert_eq!(event.header("traceparent"), Some(Some(&Bytes::from_static(b"00-ab"))));
+        assert_eq!(event.header("n"), Some(Some(&Bytes::from_static(b"1"))));
+        assert_eq!(event.header("gone"), Some(None));
     }
 
     #[test]
@@ -634,19 +647,12 @@ mod tests {
             panic!("insert did not decode");
         };
         let event = mapper.map(&row, POSITION).unwrap_or_else(|e| panic!("{e}"));
-        let header = |name: &str| {
-            event
-                .headers
-                .iter()
-                .find(|(key, _)| key == name)
-                .map(|(_, v)| v.clone())
-        };
         assert_eq!(
-            header("placed_at"),
-            Some(Some(Bytes::from_static(b"2026-11-29T16:00:00.500000Z")))
+            event.header("placed_at"),
+            Some(Some(&Bytes::from_static(b"2026-11-29T16:00:00.500000Z")))
         );
-        assert_eq!(header("urgent"), Some(Some(Bytes::from_static(b"true"))));
-        assert_eq!(header("tenant"), Some(Some(Bytes::from_static(b"acme"))));
+        assert_eq!(event.header("urgent"), Some(Some(&Bytes::from_static(b"true"))));
+        assert_eq!(event.header("tenant"), Some(Some(&Bytes::from_static(b"acme"))));
     }
 
     #[test]

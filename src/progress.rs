@@ -214,6 +214,14 @@ impl Progress {
 mod tests {
     use super::*;
 
+    /// A transaction with one event handed to the broker, committed at `end`.
+    fn committed_with_one_event(progress: &mut Progress, end: u64) -> TxnId {
+        let txn = progress.begin(0);
+        progress.event_sent(txn);
+        progress.commit(txn, Lsn(end));
+        txn
+    }
+
     #[test]
     fn confirms_a_transaction_only_after_all_its_events_are_acked() {
         let mut progress = Progress::new(Lsn(10));
@@ -230,12 +238,8 @@ mod tests {
     #[test]
     fn never_passes_an_earlier_unacked_transaction() {
         let mut progress = Progress::new(Lsn(0));
-        let first = progress.begin(0);
-        progress.event_sent(first);
-        progress.commit(first, Lsn(100));
-        let second = progress.begin(0);
-        progress.event_sent(second);
-        progress.commit(second, Lsn(200));
+        let first = committed_with_one_event(&mut progress, 100);
+        let second = committed_with_one_event(&mut progress, 200);
 
         // The later transaction's ack arrives first: nothing may be confirmed yet.
         assert_eq!(progress.acked(second), None);
@@ -278,9 +282,7 @@ mod tests {
     #[test]
     fn keepalive_behind_unacked_events_waits_for_them() {
         let mut progress = Progress::new(Lsn(0));
-        let txn = progress.begin(0);
-        progress.event_sent(txn);
-        progress.commit(txn, Lsn(100));
+        let txn = committed_with_one_event(&mut progress, 100);
         assert_eq!(progress.keepalive(Lsn(1000)), None);
         assert_eq!(progress.acked(txn), Some(Lsn(1000)));
     }
@@ -288,9 +290,7 @@ mod tests {
     #[test]
     fn empty_transactions_behind_a_slow_one_take_one_entry() {
         let mut progress = Progress::new(Lsn(0));
-        let slow = progress.begin(0);
-        progress.event_sent(slow);
-        progress.commit(slow, Lsn(10));
+        let slow = committed_with_one_event(&mut progress, 10);
         for i in 0..10_000u64 {
             let empty = progress.begin(0);
             progress.commit(empty, Lsn(20 + i));
@@ -303,9 +303,7 @@ mod tests {
     #[test]
     fn restart_forgets_the_open_transaction_and_keeps_the_confirmed_lsn() {
         let mut progress = Progress::new(Lsn(0));
-        let done = progress.begin(0);
-        progress.event_sent(done);
-        progress.commit(done, Lsn(100));
+        let done = committed_with_one_event(&mut progress, 100);
         progress.acked(done);
         let torn = progress.begin(0);
         progress.event_sent(torn);

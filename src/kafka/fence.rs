@@ -345,6 +345,11 @@ mod tests {
         }
     }
 
+    /// Whether key `k` of topic `orders` at `at` was written by an earlier run.
+    fn already_written(fence: &Fence, at: SourcePosition) -> Option<bool> {
+        fence.route("orders", b"k", at).map(|route| route.already_written)
+    }
+
     /// A fence whose producer points nowhere: routing and bookkeeping never reach Kafka.
     fn fence(exactly_once: bool) -> Fence {
         let settings = ProducerSettings {
@@ -399,15 +404,9 @@ mod tests {
         assert_eq!(route.partition, partition_for(b"k", 4));
         // At or before the partition's last written position: an earlier run wrote it.
         assert!(route.already_written);
-        assert!(fence
-            .route("orders", b"k", position(100, 2))
-            .is_some_and(|r| r.already_written));
-        assert!(fence
-            .route("orders", b"k", position(100, 3))
-            .is_some_and(|r| !r.already_written));
-        assert!(fence
-            .route("orders", b"k", position(101, 0))
-            .is_some_and(|r| !r.already_written));
+        assert_eq!(already_written(&fence, position(100, 2)), Some(true));
+        assert_eq!(already_written(&fence, position(100, 3)), Some(false));
+        assert_eq!(already_written(&fence, position(101, 0)), Some(false));
         // Learning again keeps what is known.
         assert_eq!(fence.learned("orders", TopicTail::default()), id);
     }
@@ -422,17 +421,11 @@ mod tests {
                 written: HashMap::new(),
             },
         );
-        assert!(fence
-            .route("orders", b"k", position(50, 0))
-            .is_some_and(|r| !r.already_written));
+        assert_eq!(already_written(&fence, position(50, 0)), Some(false));
         fence.written(id, 0, position(50, 1));
         fence.written(id, 0, position(40, 0));
-        assert!(fence
-            .route("orders", b"k", position(50, 1))
-            .is_some_and(|r| r.already_written));
-        assert!(fence
-            .route("orders", b"k", position(50, 2))
-            .is_some_and(|r| !r.already_written));
+        assert_eq!(already_written(&fence, position(50, 1)), Some(true));
+        assert_eq!(already_written(&fence, position(50, 2)), Some(false));
     }
 
     #[tokio::test]

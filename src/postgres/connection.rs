@@ -432,60 +432,6 @@ async fn session_fits(client: &Client, wanted: SessionAttrs) -> Result<bool, tok
     })
 }
 
-/// An ordinary connection for periodic side work (monitor, cleanup): connected on demand,
-/// dropped after a failure and made again at the next use; a failure is logged once until
-/// the next success, so a long outage is one line, not one per tick.
-pub struct SideConnection {
-    database: Database,
-    /// Names the work in the log line.
-    what: &'static str,
-    client: Option<Client>,
-    warned: bool,
-}
-
-impl SideConnection {
-    pub fn new(database: Database, what: &'static str) -> Self {
-        SideConnection {
-            database,
-            what,
-            client: None,
-            warned: false,
-        }
-    }
-
-    /// The connection, made now if there is none; `None` while PostgreSQL is unreachable.
-    pub async fn client(&mut self) -> Option<&Client> {
-        if self.client.as_ref().is_none_or(Client::is_closed) {
-            match self.database.connect().await {
-                Ok(client) => self.client = Some(client),
-                Err(error) => {
-                    self.warn(&error);
-                    self.client = None;
-                }
-            }
-        }
-        self.client.as_ref()
-    }
-
-    pub fn succeeded(&mut self) {
-        self.warned = false;
-    }
-
-    /// Logs the first failure after a success and drops the connection.
-    pub fn failed(&mut self, error: &tokio_postgres::Error) {
-        let error = self.database.connect_error(error);
-        self.warn(&error);
-        self.client = None;
-    }
-
-    fn warn(&mut self, error: &ConnectError) {
-        if !self.warned {
-            tracing::warn!(%error, "{}: PostgreSQL did not answer; retrying", self.what);
-            self.warned = true;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -494,30 +440,35 @@ mod tests {
         Database::new(url, None, &|_| None).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    fn attempts_for(
+        database: &Database,
+        server: usize,
+        slot: &str,
+        publication: &str,
+    ) -> Vec<pgwire_replication::ReplicationConfig> {
+        database
+            .replication_attempts(server, slot, publication)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
     #[test]
     fn replication_settings_follow_the_target() {
         let database = database("postgres://relay:pw@127.0.0.1:6543,db2/app?sslmode=disable&application_name=mine");
-        let attempts = database
-            .replication_attempts(0, "slot_a", "pub_a")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let attempts = attempts_for(&database, 0, "slot_a", "pub_a");
         assert_eq!(attempts.len(), 1);
         assert_eq!(attempts[0].port, 6543);
         assert_eq!(attempts[0].database, "app");
         assert_eq!(attempts[0].slot, "slot_a");
         assert_eq!(attempts[0].password, "pw");
         assert_eq!(attempts[0].application_name.as_deref(), Some("mine"));
-        let second = database
-            .replication_attempts(1, "s", "p")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let second = attempts_for(&database, 1, "s", "p");
         assert_eq!((second[0].host.as_str(), second[0].port), ("db2", 5432));
     }
 
     #[test]
     fn allow_tries_plain_text_then_tls() {
         let database = database("postgres://relay:pw@db/app?sslmode=allow");
-        let attempts = database
-            .replication_attempts(0, "s", "p")
-            .unwrap_or_else(|e| panic!("{e}"));
+        let attempts = attempts_for(&database, 0, "s", "p");
         let modes: Vec<_> = attempts.iter().map(|a| a.tls.mode).collect();
         assert_eq!(
             modes,

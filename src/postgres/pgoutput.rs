@@ -525,20 +525,6 @@ mod tests {
     }
 
     #[test]
-    fn origin_carries_the_origin_name() {
-        let mut m = vec![b'O'];
-        m.extend(5u64.to_be_bytes());
-        m.extend(b"node_a\0");
-        assert_eq!(
-            decoded(m),
-            Message::Origin(Origin {
-                commit_lsn: Lsn(5),
-                name: "node_a".into()
-            })
-        );
-    }
-
-    #[test]
     fn relation_lists_columns_by_name() {
         let Message::Relation(relation) = decoded(build::relation(16384, "outbox", &["id", "payload"])) else {
             panic!("not a relation");
@@ -552,17 +538,21 @@ mod tests {
     }
 
     #[test]
-    fn type_message_names_the_type() {
-        let mut m = vec![b'Y'];
-        m.extend(99u32.to_be_bytes());
-        m.extend(b"public\0mood\0");
+    fn origin_and_type_messages_carry_their_names() {
+        let message = |tag: u8, id: Vec<u8>, names: &[u8]| [vec![tag], id, names.to_vec()].concat();
+        let origin = Message::Origin(Origin {
+            commit_lsn: Lsn(5),
+            name: "node_a".into(),
+        });
+        assert_eq!(decoded(message(b'O', 5u64.to_be_bytes().to_vec(), b"node_a\0")), origin);
+        let mood = Message::Type(TypeInfo {
+            id: 99,
+            namespace: "public".into(),
+            name: "mood".into(),
+        });
         assert_eq!(
-            decoded(m),
-            Message::Type(TypeInfo {
-                id: 99,
-                namespace: "public".into(),
-                name: "mood".into()
-            })
+            decoded(message(b'Y', 99u32.to_be_bytes().to_vec(), b"public\0mood\0")),
+            mood
         );
     }
 
@@ -650,32 +640,18 @@ mod tests {
 
     #[test]
     fn negative_lengths_and_counts_are_errors_not_allocations() {
-        let mut m = vec![b'I'];
-        m.extend(1u32.to_be_bytes());
-        m.push(b'N');
-        m.extend((-1i16).to_be_bytes());
-        assert!(failure(m).problem.contains("negative column count"));
-
-        let mut m = vec![b'I'];
-        m.extend(1u32.to_be_bytes());
-        m.push(b'N');
-        m.extend(1i16.to_be_bytes());
-        m.push(b't');
-        m.extend(i32::MAX.to_be_bytes());
-        assert!(failure(m).problem.contains("truncated"));
+        let insert_of =
+            |columns: i16, rest: &[u8]| [&b"I"[..], &1u32.to_be_bytes(), b"N", &columns.to_be_bytes(), rest].concat();
+        assert!(failure(insert_of(-1, b"")).problem.contains("negative column count"));
+        let huge_value = [&b"t"[..], &i32::MAX.to_be_bytes()].concat();
+        assert!(failure(insert_of(1, &huge_value)).problem.contains("truncated"));
     }
 
     #[test]
     fn strings_must_be_terminated_utf8() {
-        let mut m = vec![b'Y'];
-        m.extend(1u32.to_be_bytes());
-        m.extend(b"public");
-        assert!(failure(m).problem.contains("NUL"));
-        let mut m = vec![b'Y'];
-        m.extend(1u32.to_be_bytes());
-        m.extend([0xFF, 0]);
-        m.extend(b"x\0");
-        assert!(failure(m).problem.contains("UTF-8"));
+        let type_named = |names: &[u8]| [&b"Y"[..], &1u32.to_be_bytes(), names].concat();
+        assert!(failure(type_named(b"public")).problem.contains("NUL"));
+        assert!(failure(type_named(b"\xFF\0x\0")).problem.contains("UTF-8"));
     }
 
     proptest::proptest! {

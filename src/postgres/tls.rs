@@ -73,7 +73,10 @@ pub fn client_config(settings: &TlsSettings) -> Result<ClientConfig, TlsError> {
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError(e.to_string()))?;
     let verifier: Arc<dyn ServerCertVerifier> = match settings.verification() {
-        Verification::None => Arc::new(AcceptAnyCertificate(Arc::clone(&provider))),
+        Verification::None => Arc::new(RelaxedVerifier {
+            provider: Arc::clone(&provider),
+            chain: None,
+        }),
         verification => {
             let root = settings
                 .root_cert
@@ -84,7 +87,10 @@ pub fn client_config(settings: &TlsSettings) -> Result<ClientConfig, TlsError> {
                 .build()
                 .map_err(|e| TlsError(format!("cannot build the certificate verifier: {e}")))?;
             match verification {
-                Verification::Chain => Arc::new(ChainOnly(webpki)),
+                Verification::Chain => Arc::new(RelaxedVerifier {
+                    provider: Arc::clone(&provider),
+                    chain: Some(webpki),
+                }),
                 _ => webpki,
             }
         }
@@ -179,51 +185,20 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         .map_err(|e| TlsError(format!("client key {} is not a PEM private key: {e}", path.display())))
 }
 
-/// `require` and `prefer`: the connection is encrypted but the server is not
-/// authenticated (as libpq). Handshake signatures are still checked.
+type Certificate<'a> = CertificateDer<'a>;
+type Signed = DigitallySignedStruct;
+type SignatureCheck = Result<HandshakeSignatureValid, rustls::Error>;
+
+/// The weaker checks libpq makes, on rustls: `require`/`prefer` encrypt without
+/// authenticating the server (`chain: None`); `verify-ca` needs a chain to a trusted root
+/// and does not check the name. Handshake signatures are checked in both.
 #[derive(Debug)]
-struct AcceptAnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct RelaxedVerifier {
+    provider: Arc<CryptoProvider>,
+    chain: Option<Arc<WebPkiServerVerifier>>,
 }
 
-/// `verify-ca`: the chain must lead to a trusted root; the name is not checked.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for RelaxedVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -232,10 +207,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -243,26 +218,16 @@ impl ServerCertVerifier for ChainOnly {
         }
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+    fn verify_tls12_signature(&self, message: &[u8], cert: &Certificate<'_>, dss: &Signed) -> SignatureCheck {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+    fn verify_tls13_signature(&self, message: &[u8], cert: &Certificate<'_>, dss: &Signed) -> SignatureCheck {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
