@@ -105,7 +105,8 @@ async fn libpq_password_sources_and_a_dead_first_host_work() {
     let (code, text) = status(&url, &[("PGPASSWORD", "pgpass-secret")]);
     assert_eq!(code, Some(0), "PGPASSWORD: {text}");
     let (code, text) = status(&url, &[("PGPASSWORD", "wrong")]);
-    assert_eq!(code, Some(1), "{text}");
+    // PostgreSQL refused the role: exit code 6 (ADR 0009).
+    assert_eq!(code, Some(6), "{text}");
     assert!(
         text.contains("password authentication failed") && !text.contains("wrong"),
         "{text}"
