@@ -358,7 +358,7 @@ impl Relay {
                     tracing::warn!(%reason, in_flight = self.pipeline.len(), "replication session ended; resuming from the last acknowledged position");
                     drop(stream);
                     self.metrics.reconnects.inc();
-                    self.metrics.error(ErrorClass::Transient.as_str());
+                    self.metrics.error(error.class().as_str());
                     if self.drain(None, &mut shutdown).await.is_err() {
                         return Ok(());
                     }
@@ -373,6 +373,7 @@ impl Relay {
                     backoff.wait(&mut shutdown).await;
                 }
                 Interrupt::Failed(error) => {
+                    self.metrics.error(error.class().as_str());
                     tracing::error!(error = %crate::error::chain(&error), in_flight = self.pipeline.len(), "stopping");
                     // Confirm what was acknowledged before the failure, nothing after it.
                     self.stop_session(stream, self.settings.shutdown_timeout).await;
