@@ -652,13 +652,17 @@ impl Relay {
         event: &OutboxEvent,
         stream: &ReplicationStream,
     ) -> Result<Result<Option<Route>, FenceError>, Interrupt> {
-        if self.fence.route(&event.topic, &event.key, event.position).is_none() {
-            if let Err(error) = self.read_topic(&event.topic, stream).await? {
-                return Ok(Err(error));
+        let route = match self.fence.route(&event.topic, &event.key, event.position) {
+            Some(route) => route,
+            // Once per topic: read it from the broker, then route.
+            None => {
+                if let Err(error) = self.read_topic(&event.topic, stream).await? {
+                    return Ok(Err(error));
+                }
+                self.fence
+                    .route(&event.topic, &event.key, event.position)
+                    .ok_or_else(|| RelayError::Internal(format!("topic {} was read but is not known", event.topic)))?
             }
-        }
-        let Some(route) = self.fence.route(&event.topic, &event.key, event.position) else {
-            return Err(RelayError::Internal(format!("topic {} was read but is not known", event.topic)).into());
         };
         if route.already_written {
             self.metrics.events_skipped_already_written.inc();

@@ -148,19 +148,21 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 /// `YYYY-MM-DD` (ISO DateStyle, AD) as days since 1970-01-01.
 fn date_days(text: &str) -> Option<i64> {
     let mut parts = text.splitn(3, '-');
-    let year: i64 = parts.next()?.parse().ok()?;
-    let month: i64 = parts.next()?.parse().ok()?;
-    let day: i64 = parts.next()?.parse().ok()?;
-    ((1..=12).contains(&month) && (1..=31).contains(&day)).then(|| days_from_civil(year, month, day))
+    // Narrow types: text that is not a date cannot overflow the arithmetic.
+    let year: i32 = parts.next()?.parse().ok()?;
+    let month: u8 = parts.next()?.parse().ok()?;
+    let day: u8 = parts.next()?.parse().ok()?;
+    ((1..=12).contains(&month) && (1..=31).contains(&day))
+        .then(|| days_from_civil(i64::from(year), i64::from(month), i64::from(day)))
 }
 
 /// `HH:MM:SS[.ffffff]` as microseconds since midnight.
 fn time_micros(text: &str) -> Option<i64> {
     let (clock, fraction) = text.split_once('.').unwrap_or((text, ""));
     let mut parts = clock.splitn(3, ':');
-    let hours: i64 = parts.next()?.parse().ok()?;
-    let minutes: i64 = parts.next()?.parse().ok()?;
-    let seconds: i64 = parts.next()?.parse().ok()?;
+    let hours = i64::from(parts.next()?.parse::<u8>().ok()?);
+    let minutes = i64::from(parts.next()?.parse::<u8>().ok()?);
+    let seconds = i64::from(parts.next()?.parse::<u8>().ok()?);
     if fraction.len() > 6 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -176,7 +178,7 @@ fn split_offset(text: &str) -> Option<(&str, i64)> {
     let mut seconds = 0;
     for (n, part) in zone[1..].split(':').enumerate() {
         let unit = [3600, 60, 1].get(n)?;
-        seconds += part.parse::<i64>().ok()? * unit;
+        seconds += i64::from(part.parse::<u8>().ok()?) * unit;
     }
     Some((value, sign * seconds))
 }
@@ -200,14 +202,16 @@ fn time_tz(text: &str) -> Option<String> {
 /// `YYYY-MM-DD HH:MM:SS[.f]` as microseconds since the epoch.
 fn timestamp_micros(text: &str) -> Option<i64> {
     let (date, time) = text.split_once(' ')?;
-    Some(date_days(date)? * 86_400_000_000 + time_micros(time)?)
+    date_days(date)?
+        .checked_mul(86_400_000_000)?
+        .checked_add(time_micros(time)?)
 }
 
 /// `YYYY-MM-DD HH:MM:SS[.f]+ZZ` as `ZonedTimestamp`: ISO 8601 in UTC with `digits` digits
 /// of fraction (the column's precision, 6 by default).
 fn timestamp_tz(text: &str, digits: u8) -> Option<String> {
     let (local, offset) = split_offset(text)?;
-    let micros = timestamp_micros(local)? - offset * 1_000_000;
+    let micros = timestamp_micros(local)?.checked_sub(offset * 1_000_000)?;
     let days = micros.div_euclid(86_400_000_000);
     let in_day = micros.rem_euclid(86_400_000_000);
     let (year, month, day) = civil_from_days(days);
@@ -511,6 +515,41 @@ mod tests {
         assert_eq!(render(Rendering::Date, "2026-11-29 BC"), None);
         assert_eq!(render(Rendering::Array(Element::Plain), "{{1,2},{3,4}}"), None);
         assert_eq!(render(Rendering::VariableDecimal, "NaN"), None);
+        // Text that is not what the type prints never overflows or panics.
+        assert_eq!(
+            render(Rendering::Timestamp { micros: true }, "9999999999-01-01 00:00:00"),
+            None
+        );
+        assert_eq!(render(Rendering::Time { micros: true }, "99999999999:00:00"), None);
+        assert_eq!(render(Rendering::TimeTz, "10:00:00+99999999999"), None);
+        assert_eq!(
+            render(Rendering::TimestampTz { digits: 6 }, "2026-13-01 00:00:00+00"),
+            None
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(5_000))]
+
+        /// Whatever text arrives for a column, rendering answers or declines; it never panics.
+        #[test]
+        fn arbitrary_text_never_panics(text in r#"[0-9:.+ {},"\\NULLTfx-]{0,40}|.{0,40}"#, kind in 0usize..12) {
+            let renderings = [
+                Rendering::Boolean,
+                Rendering::Date,
+                Rendering::Time { micros: true },
+                Rendering::TimeTz,
+                Rendering::Timestamp { micros: false },
+                Rendering::TimestampTz { digits: 3 },
+                Rendering::Bytea,
+                Rendering::VariableDecimal,
+                Rendering::Float,
+                Rendering::Array(Element::Quoted),
+                Rendering::Array(Element::Float),
+                Rendering::Array(Element::Boolean),
+            ];
+            let _ = render(renderings[kind], &text);
+        }
     }
 
     #[test]

@@ -93,9 +93,12 @@ async fn a_broker_stalling_on_a_new_topic_does_not_stall_the_session() {
         || async { (relay.metric("outbox_relay_topics_being_read") == 1.0).then_some(()) },
     )
     .await;
-    // Three wal_sender_timeouts; less than the fence's own 10 s bound on metadata.
+    // Three wal_sender_timeouts; less than the fence's own 10 s bound on metadata. The slot
+    // may move with other tests' WAL, but never past the stalled event (checked below).
     let stalled_at = std::time::Instant::now();
+    let mut highest_confirmed = outbox_relay::lsn::Lsn::ZERO;
     while stalled_at.elapsed() < Duration::from_secs(6) {
+        highest_confirmed = highest_confirmed.max(db.confirmed_flush_lsn().await);
         assert_eq!(
             walsender_pid(&db).await,
             Some(pid),
@@ -116,6 +119,27 @@ async fn a_broker_stalling_on_a_new_topic_does_not_stall_the_session() {
         relay.log_text()
     );
     assert_eq!(relay.metric("outbox_relay_topics_being_read"), 0.0);
+    let stalled_commit = consumer
+        .records
+        .iter()
+        .find(|r| r.id() == stalled)
+        .and_then(|r| r.header("outbox.commit_lsn")?.parse::<outbox_relay::lsn::Lsn>().ok())
+        .unwrap();
+    assert!(
+        highest_confirmed <= stalled_commit,
+        "while the topic was read, the slot was confirmed to {highest_confirmed}, past the unpublished event at {stalled_commit}"
+    );
+
+    // The test's premise: a client that answers nothing is dropped within a few seconds
+    // here, so the walsender above would have changed had the relay stopped answering.
+    devrig::kill(relay.pid(), 19); // SIGSTOP
+    eventually(
+        Duration::from_secs(15),
+        "the walsender of a frozen relay to time out",
+        || async { (walsender_pid(&db).await != Some(pid)).then_some(()) },
+    )
+    .await;
+    devrig::kill(relay.pid(), 18); // SIGCONT
 
     // Shutdown is not held up by a stalled topic read either.
     broker.pause();
