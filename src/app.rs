@@ -267,24 +267,17 @@ impl Relay {
             }
             let (start, server) = match self.resume_position().await {
                 Ok(found) => found,
-                // A rotated password may reach the server before its file: keep trying.
-                Err(RelayError::Connect(error)) if streamed_once && error.is_authentication_failure() => {
-                    tracing::error!(%error, "PostgreSQL rejected the password; retrying (a rotated secret may not have reached the password source yet)");
+                Err(error) if retried(&error, streamed_once) => {
                     backoff.wait(&mut shutdown).await;
                     continue;
                 }
-                Err(error) if !error.is_transient() => return Err(error),
-                Err(error) if !streamed_once => {
+                Err(error) if error.is_transient() => {
                     return Err(RelayError::Unreachable(format!(
                         "cannot reach PostgreSQL at start: {}",
                         crate::error::chain(&error)
                     )));
                 }
-                Err(error) => {
-                    tracing::warn!(error = %crate::error::chain(&error), "PostgreSQL not reachable; retrying");
-                    backoff.wait(&mut shutdown).await;
-                    continue;
-                }
+                Err(error) => return Err(error),
             };
             let connecting = ReplicationStream::start(
                 &self.settings.database,
@@ -317,18 +310,14 @@ impl Relay {
                     }
                     continue;
                 }
-                Err(error) if streamed_once && error.is_authentication_failure() => {
-                    tracing::error!(%error, "PostgreSQL rejected the password for replication; retrying");
-                    backoff.wait(&mut shutdown).await;
-                    continue;
+                Err(error) => {
+                    let error = RelayError::from(error);
+                    if retried(&error, streamed_once) {
+                        backoff.wait(&mut shutdown).await;
+                        continue;
+                    }
+                    return Err(error);
                 }
-                Err(error) if error.is_transient() && !streamed_once => return Err(error.into()),
-                Err(error) if error.is_transient() => {
-                    tracing::warn!(%error, "cannot start replication; retrying");
-                    backoff.wait(&mut shutdown).await;
-                    continue;
-                }
-                Err(error) => return Err(error.into()),
             };
             backoff.reset();
             streamed_once = true;
@@ -585,7 +574,6 @@ impl Relay {
         let route = match self.route_unwritten(&event, stream).await? {
             Ok(Some(route)) => route,
             Ok(None) => return Ok(()),
-            Err(error) if error.is_transient() => return Err(broker_error("exactly-once fence", error)),
             Err(error) => {
                 let letter = DeadLetter::from_event(&event, error.class, error.to_string());
                 return self.dead_letter(letter, txn, stream).await;
@@ -629,7 +617,6 @@ impl Relay {
         let route = match self.route_unwritten(&event, stream).await? {
             Ok(Some(route)) => route,
             Ok(None) => return Ok(()),
-            Err(error) if error.is_transient() => return Err(broker_error("exactly-once fence", error)),
             Err(error) => return Err(dead_letter_refused(letter, &error.to_string()).into()),
         };
         match self
@@ -645,8 +632,8 @@ impl Relay {
     }
 
     /// Routes `event` to its partition; `None` when an earlier run already wrote it there.
-    /// The outer error interrupts the session; the inner one is the broker's answer about
-    /// the topic, for the caller to judge.
+    /// A transient failure to read the topic interrupts the session; the inner error is the
+    /// broker's refusal of the topic for good, for the caller to judge.
     async fn route_unwritten(
         &mut self,
         event: &OutboxEvent,
@@ -656,8 +643,10 @@ impl Relay {
             Some(route) => route,
             // Once per topic: read it from the broker, then route.
             None => {
-                if let Err(error) = self.read_topic(&event.topic, stream).await? {
-                    return Ok(Err(error));
+                match self.read_topic(&event.topic, stream).await? {
+                    Ok(()) => {}
+                    Err(error) if error.is_transient() => return Err(broker_error("exactly-once fence", error)),
+                    Err(error) => return Ok(Err(error)),
                 }
                 self.fence
                     .route(&event.topic, &event.key, event.position)
@@ -910,34 +899,36 @@ struct Refusal {
     too_large: bool,
 }
 
+/// Whether a session that could not start is tried again (and says so in the log): once
+/// the relay has streamed, every transient failure is an outage to ride out, and so is a
+/// rejected password, since a rotated secret may reach the server before the relay's
+/// password source. Before that, the caller ends the run with the error.
+fn retried(error: &RelayError, streamed_once: bool) -> bool {
+    if !streamed_once {
+        return false;
+    }
+    let reason = crate::error::chain(error);
+    if error.is_authentication_failure() {
+        tracing::error!(%reason, "PostgreSQL rejected the password; retrying (a rotated secret may not have reached the password source yet)");
+        return true;
+    }
+    if error.is_transient() {
+        tracing::warn!(%reason, "PostgreSQL not reachable; retrying");
+        return true;
+    }
+    false
+}
+
 /// A broker failure that interrupts the session, classified as the broker's error is.
 fn broker_error<E>(context: &str, error: E) -> Interrupt
 where
-    E: std::error::Error + Send + Sync + 'static,
-    E: BrokerErrorClass,
+    E: std::error::Error + Classify + Send + Sync + 'static,
 {
     Interrupt::Failed(RelayError::Broker {
         context: context.to_owned(),
-        class: error.broker_class(),
+        class: error.class(),
         source: Box::new(error),
     })
-}
-
-/// The class of the broker errors [`broker_error`] carries.
-trait BrokerErrorClass {
-    fn broker_class(&self) -> ErrorClass;
-}
-
-impl BrokerErrorClass for FenceError {
-    fn broker_class(&self) -> ErrorClass {
-        self.class
-    }
-}
-
-impl BrokerErrorClass for rdkafka::error::KafkaError {
-    fn broker_class(&self) -> ErrorClass {
-        crate::kafka::classify(self)
-    }
 }
 
 fn dead_letter_refused(letter: DeadLetter, reason: &str) -> RelayError {

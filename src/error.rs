@@ -174,6 +174,15 @@ impl Classify for RelayError {
 }
 
 impl RelayError {
+    /// PostgreSQL rejected the password (SQLSTATE 28P01), on either kind of connection.
+    pub fn is_authentication_failure(&self) -> bool {
+        match self {
+            RelayError::Connect(error) => error.is_authentication_failure(),
+            RelayError::Stream(error) => error.is_authentication_failure(),
+            _ => false,
+        }
+    }
+
     /// 2: configuration or usage; 3: slot or publication missing or unusable;
     /// 4: a row or record that cannot be published; 5: the slot is held by another
     /// process; 6: PostgreSQL refused the relay's role (password, or a privilege such as

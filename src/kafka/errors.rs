@@ -21,6 +21,12 @@ pub fn classify(error: &KafkaError) -> ErrorClass {
     }
 }
 
+impl crate::error::Classify for KafkaError {
+    fn class(&self) -> ErrorClass {
+        classify(self)
+    }
+}
+
 /// The record alone is larger than the broker or the producer accepts: dead-lettered
 /// without its payload.
 pub fn is_too_large(error: &KafkaError) -> bool {

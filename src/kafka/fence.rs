@@ -13,7 +13,7 @@
 //! form a prefix of that source's events for the partition. The slot replays from its
 //! confirmed position, which is never after an unwritten event. See docs/adr/0002.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::kafka::client_log::LogContext;
@@ -228,7 +228,10 @@ impl TopicReading {
         }
     }
 
-    fn reader(&self) -> Result<BaseConsumer<LogContext>, KafkaError> {
+    /// A consumer of this read's own: a new topic is rare, and a consumer shared between
+    /// reads could hand one topic's buffered records or end-of-partition events to the
+    /// next read, whose partitions share the numbers.
+    fn new_reader(&self) -> Result<BaseConsumer<LogContext>, KafkaError> {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.settings.bootstrap_servers);
         for (key, value) in &self.settings.properties {
@@ -249,9 +252,10 @@ impl TopicReading {
     fn read_tails(&self, partitions: i32) -> Result<HashMap<i32, SourcePosition>, FenceError> {
         let topic = self.topic.as_str();
         let error = |e: KafkaError| self.error(classify(&e), format!("cannot read the partitions' last records: {e}"));
-        let reader = self.reader().map_err(error)?;
+        let reader = self.new_reader().map_err(error)?;
         let mut assignment = TopicPartitionList::new();
-        let mut ends: HashMap<i32, i64> = HashMap::new();
+        // Partitions whose end-of-partition event has not come yet.
+        let mut ends = HashSet::new();
         for partition in 0..partitions {
             let (low, high) = reader
                 .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
@@ -261,7 +265,7 @@ impl TopicReading {
                 assignment
                     .add_partition_offset(topic, partition, Offset::Offset(start))
                     .map_err(error)?;
-                ends.insert(partition, high);
+                ends.insert(partition);
             }
         }
         let mut written = HashMap::new();

@@ -49,7 +49,7 @@ impl ConnectError {
     /// The server rejected the password (SQLSTATE 28P01). After the relay has streamed
     /// once this is retried: the secret may be half-way through a rotation.
     pub fn is_authentication_failure(&self) -> bool {
-        rejected_password(&self.message)
+        self.sqlstate.as_deref() == Some(INVALID_PASSWORD)
     }
 }
 
@@ -355,11 +355,8 @@ impl Database {
 /// Why a replication connection cannot honour `channel_binding=require`.
 pub const CHANNEL_BINDING_UNSUPPORTED: &str = "channel_binding=require cannot be honoured on the replication connection: its client (pgwire-replication 0.5) authenticates with SCRAM-SHA-256 without channel binding, and the relay will not connect unbound when binding is required. Use channel_binding=prefer with sslmode=verify-full, which authenticates the server by its certificate (docs/adr/0007-one-tls-stack.md)";
 
-/// PostgreSQL's "password authentication failed" (SQLSTATE 28P01), in either client's
-/// error text.
-pub fn rejected_password(text: &str) -> bool {
-    text.contains("SQLSTATE 28P01")
-}
+/// PostgreSQL's "password authentication failed".
+pub const INVALID_PASSWORD: &str = "28P01";
 
 /// The hint for a server that refuses plain text.
 pub const REQUIRES_TLS_HINT: &str = "the server accepts only TLS connections: set sslmode=require, or better sslmode=verify-full with sslrootcert=<the server's CA>";

@@ -15,7 +15,7 @@ use std::time::Duration;
 use pgwire_replication::{FeedbackObserver, PgWireError, ReplicationClient, ReplicationEvent};
 use tokio::sync::Notify;
 
-use super::connection::{first_accepted, rejected_password, requires_tls, Database, REQUIRES_TLS_HINT};
+use super::connection::{first_accepted, requires_tls, Database, INVALID_PASSWORD, REQUIRES_TLS_HINT};
 use super::pgoutput::{self, Begin, Commit, DecodeError, LogicalMessage, Message};
 use super::tls::explain_certificate_failure;
 use crate::error::{io_class, sqlstate_class, Classify, ErrorClass};
@@ -77,9 +77,9 @@ impl Classify for StreamError {
 }
 
 impl StreamError {
-    /// PostgreSQL rejected the password (see [`super::connection::rejected_password`]).
+    /// PostgreSQL rejected the password (SQLSTATE 28P01).
     pub fn is_authentication_failure(&self) -> bool {
-        rejected_password(&self.to_string())
+        self.sqlstate() == Some(INVALID_PASSWORD)
     }
 
     /// The SQLSTATE of PostgreSQL's answer, when it gave one.

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::support::kafka::Consumer;
-use crate::support::{eventually, TestDb};
+use crate::support::{eventually, stdout_of_success, TestDb};
 
 /// A login role of the test's own, with `password`; returns its name.
 async fn role(db: &TestDb, suffix: &str, password: &str) -> String {
@@ -118,13 +118,7 @@ async fn libpq_password_sources_and_a_dead_first_host_work() {
     let multi =
         format!("postgres://{role}:pgpass-secret@127.0.0.1:{dead},{hosts}/{rest}?target_session_attrs=read-write");
     let output = db.command("check").env("DATABASE_URL", &multi).output().unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{text}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = stdout_of_success(&output, "check with a dead first host");
     assert!(text.contains(&format!("replication connection to {hosts}")), "{text}");
     let mut multi_db = TestDb::new("pgpassrun").await;
     multi_db.url = multi_db.url.replacen('@', &format!("@127.0.0.1:{dead},"), 1);

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use crate::support::kafka::Consumer;
-use crate::support::TestDb;
+use crate::support::{stdout_of_success, TestDb};
 
 fn majors() -> Vec<u32> {
     let mut majors = vec![18];
@@ -69,13 +69,7 @@ async fn core_path(major: u32) {
         relay.log_text()
     );
     let output = db.command("status").args(["--json"]).output().unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "PostgreSQL {major}: {text}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let text = stdout_of_success(&output, &format!("status on PostgreSQL {major}"));
     let status: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(status["failover"]["server_major"], major);
     println!("PostgreSQL {major}: setup, check, run (20 events) and status work");

@@ -273,6 +273,19 @@ pub async fn insert_event(client: &Client, aggregate_type: &str, aggregate_id: &
     row.get(0)
 }
 
+/// The standard output of a command that must have exited 0; otherwise the test fails
+/// with both of its outputs.
+pub fn stdout_of_success(output: &std::process::Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{what}: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 pub fn parse_lsn(text: Option<String>) -> Lsn {
     text.and_then(|t| t.parse().ok()).unwrap_or(Lsn::ZERO)
 }

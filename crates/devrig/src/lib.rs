@@ -183,13 +183,7 @@ impl Postgres {
             .arg(format!("--pwfile={}", pwfile.display()))
             .stdout(Stdio::null());
         as_owner(&mut initdb, owner);
-        let output = initdb.output()?;
-        if !output.status.success() {
-            return Err(io::Error::other(format!(
-                "initdb failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            )));
-        }
+        run_tool(&mut initdb, "initdb")?;
         // In the file rather than on the command line, so `settings` (later lines win)
         // can override it, e.g. to test a server without logical decoding.
         let mut extra = String::from("wal_level = logical\n");
@@ -355,13 +349,7 @@ impl Postgres {
             .args(["-R", "-X", "stream", "-C", "-S", slot, "-d", &conninfo])
             .stdout(Stdio::null());
         as_owner(&mut backup, owner);
-        let output = backup.output()?;
-        if !output.status.success() {
-            return Err(io::Error::other(format!(
-                "pg_basebackup failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            )));
-        }
+        run_tool(&mut backup, "pg_basebackup")?;
         // After the copied settings and -R's lines: later lines win.
         let mut extra = std::fs::read_to_string(data.join("postgresql.auto.conf"))?;
         extra.push_str(&format!(
@@ -392,15 +380,7 @@ impl Postgres {
             .arg(self.dir.join("data"))
             .stdout(Stdio::null());
         as_owner(&mut promote, self.owner);
-        let output = promote.output()?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(io::Error::other(format!(
-                "pg_ctl promote failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            )))
-        }
+        run_tool(&mut promote, "pg_ctl promote")
     }
 
     /// Stops and starts the server on the same port and data (`pg_ctl restart -m fast`).
@@ -746,6 +726,18 @@ impl Drop for Broker {
         let _ = std::fs::remove_dir_all(&self.dir);
         unregister_dir(&self.dir);
     }
+}
+
+/// Runs a PostgreSQL tool to its end; a failure carries what it printed on stderr.
+fn run_tool(command: &mut Command, name: &str) -> io::Result<()> {
+    let output = command.output()?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "{name} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    )))
 }
 
 /// Where the tansu binary is.
