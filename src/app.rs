@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use crate::config::{Delivery, OnPoison, Preset, RunArgs, SlotBusy};
+use crate::config::{Delivery, OnPoison, RunArgs, SlotBusy};
 use crate::dead_letter::DeadLetter;
 use crate::error::{Classify, ErrorClass, RelayError};
 use crate::kafka::{
@@ -59,6 +59,7 @@ impl RelaySettings {
     pub fn from_args(args: &RunArgs) -> Result<Self, RelayError> {
         crate::outbox::validate_topic_name(&args.dead_letter_topic)
             .map_err(|e| RelayError::Config(format!("--dead-letter-topic: {e}")))?;
+        let (template, columns) = args.mapping.mapping()?;
         Ok(RelaySettings {
             database: args.postgres.database()?,
             slot: args.postgres.slot.clone(),
@@ -67,12 +68,8 @@ impl RelaySettings {
                 bootstrap_servers: args.kafka.bootstrap_servers.clone(),
                 properties: args.kafka.kafka_properties.clone(),
             },
-            template: TopicTemplate::parse(&args.kafka.topic_template)
-                .map_err(|e| RelayError::Config(e.to_string()))?,
-            columns: match args.kafka.preset {
-                Preset::Default => ColumnNames::default(),
-                Preset::Debezium => ColumnNames::debezium(),
-            },
+            template,
+            columns,
             delivery: args.delivery,
             on_poison: args.on_poison,
             dead_letter_topic: args.dead_letter_topic.clone(),
@@ -415,6 +412,17 @@ impl Relay {
                 database: database.dbname().to_owned(),
             }));
         }
+        // A mapping that does not fit a table is a configuration error, said before any
+        // row of it is read (not a dead letter per row).
+        for table in crate::postgres::catalog::publication_tables(&client, &self.settings.publication)
+            .await
+            .map_err(sql_error)?
+        {
+            self.settings
+                .columns
+                .validate(&table.display(), &table.columns, &self.settings.template)
+                .map_err(|problem| RelayError::Config(format!("mapping: {problem}")))?;
+        }
         let slot_position = info.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
         // This process's own confirmed position holds only on the server it was confirmed
         // on. After a failover the new primary's WAL may have diverged below it (a change
@@ -639,7 +647,7 @@ impl Relay {
         event: &OutboxEvent,
         stream: &ReplicationStream,
     ) -> Result<Result<Option<Route>, FenceError>, Interrupt> {
-        let route = match self.fence.route(&event.topic, &event.key, event.position) {
+        let route = match self.fence.route(&event.topic, event.routing_key(), event.position) {
             Some(route) => route,
             // Once per topic: read it from the broker, then route.
             None => {
@@ -649,7 +657,7 @@ impl Relay {
                     Err(error) => return Ok(Err(error)),
                 }
                 self.fence
-                    .route(&event.topic, &event.key, event.position)
+                    .route(&event.topic, event.routing_key(), event.position)
                     .ok_or_else(|| RelayError::Internal(format!("topic {} was read but is not known", event.topic)))?
             }
         };

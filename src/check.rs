@@ -15,6 +15,7 @@ use tokio_postgres::Client;
 use crate::app::RelaySettings;
 use crate::config::RunArgs;
 use crate::kafka::Producer;
+use crate::outbox::{Mapper, OutboxEvent, SourcePosition};
 use crate::postgres::failover;
 use crate::postgres::slot::{self, SlotProblem};
 use crate::postgres::stream::ReplicationStream;
@@ -294,16 +295,6 @@ async fn replication_role(client: &Client) -> Result<Item, tokio_postgres::Error
     ))
 }
 
-/// The first column of every row `sql` returns for `parameter`.
-async fn texts(client: &Client, sql: &str, parameter: &str) -> Result<Vec<String>, tokio_postgres::Error> {
-    Ok(client
-        .query(sql, &[&parameter])
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect())
-}
-
 async fn publication(settings: &RelaySettings, client: &Client) -> Result<Vec<Item>, tokio_postgres::Error> {
     let name = &settings.publication;
     let Some(row) = client
@@ -328,12 +319,7 @@ async fn publication(settings: &RelaySettings, client: &Client) -> Result<Vec<It
             format!("ALTER PUBLICATION {name} SET (publish = 'insert');"),
         )]);
     }
-    let tables = texts(
-        client,
-        "SELECT format('%I.%I', schemaname, tablename) FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
-        name,
-    )
-    .await?;
+    let tables = crate::postgres::catalog::publication_tables(client, name).await?;
     if tables.is_empty() {
         return Ok(vec![Item::warn(
             format!(
@@ -342,34 +328,81 @@ async fn publication(settings: &RelaySettings, client: &Client) -> Result<Vec<It
             format!("ALTER PUBLICATION {name} ADD TABLE public.outbox;"),
         )]);
     }
+    let names: Vec<String> = tables.iter().map(|table| table.display()).collect();
     let mut items = vec![Item::pass(format!(
         "publication {name} publishes inserts of {}",
-        tables.join(", ")
+        names.join(", ")
     ))];
-    let required = settings.columns.required();
     for table in &tables {
-        let present = texts(
-            client,
-            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped",
-            table,
-        )
-        .await?;
-        let missing: Vec<&str> = required
-            .iter()
-            .copied()
-            .filter(|column| !present.iter().any(|p| p == column))
-            .collect();
-        if !missing.is_empty() {
-            items.push(Item::fail(
-                format!(
-                    "table {table} lacks column(s) {} that the relay reads",
-                    missing.join(", ")
-                ),
-                "create the table with sql/001_outbox_table.sql, or pick the matching --preset (default or debezium)",
-            ));
-        }
+        items.push(mapping_item(settings, client, table).await?);
     }
     Ok(items)
+}
+
+/// Checks the column mapping against `table` and shows the record its first row becomes.
+async fn mapping_item(
+    settings: &RelaySettings,
+    client: &Client,
+    table: &crate::postgres::catalog::PublishedTable,
+) -> Result<Item, tokio_postgres::Error> {
+    if let Err(problem) = settings.columns.validate(&table.display(), &table.columns, &settings.template) {
+        return Ok(Item::fail(
+            format!("mapping: {problem}"),
+            "map each role to a column of the table with --column ROLE=COLUMN (ROLE= when there is none), or pick the matching --preset",
+        ));
+    }
+    crate::postgres::catalog::use_server_formats(client).await?;
+    let Some(row) = crate::postgres::catalog::sample_row(client, table).await? else {
+        return Ok(Item::pass(format!(
+            "mapping fits table {} (it has no row to show as a sample record)",
+            table.display()
+        )));
+    };
+    let mut mapper = Mapper::new(settings.template.clone(), settings.columns.clone(), &settings.source());
+    mapper.relation(&table.relation());
+    let position = SourcePosition {
+        commit_lsn: crate::lsn::Lsn::ZERO,
+        index: 0,
+    };
+    Ok(match mapper.map(&row, position) {
+        Ok(event) => Item::pass(format!(
+            "mapping fits table {}; a row of it becomes:\n{}",
+            table.display(),
+            sample_record(&event)
+        )),
+        Err(error) => Item::warn(
+            format!("mapping fits table {}, but a row of it cannot be published: {error}", table.display()),
+            "such rows go to the dead-letter topic (or halt with --on-poison halt); fix the row or the mapping",
+        ),
+    })
+}
+
+/// A record as lines for people: topic, key, value and headers, long values cut short.
+fn sample_record(event: &OutboxEvent) -> String {
+    fn shown(bytes: Option<&[u8]>) -> String {
+        match bytes {
+            None => "(none)".to_owned(),
+            Some(bytes) => {
+                let text = String::from_utf8_lossy(bytes);
+                let cut: String = text.chars().take(120).collect();
+                let more = if cut.len() < text.len() { "..." } else { "" };
+                format!("{cut:?}{more} ({} bytes)", bytes.len())
+            }
+        }
+    }
+    let mut text = format!(
+        "         topic   {}\n         key     {}\n         value   {}",
+        event.topic,
+        shown(event.key.as_deref()),
+        shown(event.payload.as_deref())
+    );
+    for (name, value) in &event.headers {
+        if name.starts_with("outbox.") {
+            continue;
+        }
+        let _ = write!(text, "\n         header  {name} = {}", shown(value.as_deref()));
+    }
+    text
 }
 
 async fn slot_item(settings: &RelaySettings, client: &Client) -> Result<Item, tokio_postgres::Error> {

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::outbox::{ColumnNames, HeaderColumn, Role, TopicTemplate};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "outbox-relay",
@@ -111,18 +113,53 @@ pub struct KafkaArgs {
     #[arg(long = "kafka-property", env = "OUTBOX_RELAY_KAFKA_PROPERTIES", value_delimiter = ';', value_parser = parse_property)]
     pub kafka_properties: Vec<(String, String)>,
 
-    /// Column names: `default` (aggregate_type, aggregate_id, event_type, payload, headers)
-    /// or `debezium` (aggregatetype, aggregateid, type, payload; other columns become headers).
+}
+
+/// How rows become records: which column plays which part, and the topic.
+#[derive(Debug, Clone, Args)]
+pub struct MappingArgs {
+    /// Column names: `default` (id, aggregate_type, aggregate_id, event_type, payload, headers)
+    /// or `debezium` (id, aggregatetype, aggregateid, type, payload; other columns become
+    /// headers). --column changes single roles of the preset.
     #[arg(long, env = "OUTBOX_RELAY_PRESET", value_enum, default_value_t = Preset::Default)]
     pub preset: Preset,
 
-    /// Topic for each event; {aggregate_type} and {event_type} are replaced by the row's values.
+    /// Topic for each event: {aggregate_type}, {event_type} (the columns of those roles) and
+    /// {any_column} are replaced by the row's values.
     #[arg(
         long,
         env = "OUTBOX_RELAY_TOPIC_TEMPLATE",
         default_value = "outbox.event.{aggregate_type}"
     )]
     pub topic_template: String,
+
+    /// ROLE=COLUMN: the column that plays ROLE (id, aggregate_type, aggregate_id = the key,
+    /// event_type, payload = the value, headers = a JSON object of headers); ROLE= when the
+    /// table has no such column. Repeatable; in the environment variable, separate with ','.
+    #[arg(long = "column", env = "OUTBOX_RELAY_COLUMNS", value_delimiter = ',', value_parser = parse_column, value_name = "ROLE=COLUMN")]
+    pub columns: Vec<(Role, Option<String>)>,
+
+    /// COLUMN[=HEADER]: publish COLUMN's value (as text) as a header, named HEADER or the
+    /// column's name. Repeatable; in the environment variable, separate with ','.
+    #[arg(long = "header-column", env = "OUTBOX_RELAY_HEADER_COLUMNS", value_delimiter = ',', value_parser = parse_header_column, value_name = "COLUMN[=HEADER]")]
+    pub header_columns: Vec<HeaderColumn>,
+}
+
+impl MappingArgs {
+    /// The topic template and column mapping these settings describe.
+    pub fn mapping(&self) -> Result<(TopicTemplate, ColumnNames), crate::error::RelayError> {
+        let config = crate::error::RelayError::Config;
+        let template = TopicTemplate::parse(&self.topic_template).map_err(|e| config(e.to_string()))?;
+        let mut names = match self.preset {
+            Preset::Default => ColumnNames::default(),
+            Preset::Debezium => ColumnNames::debezium(),
+        };
+        for (role, column) in &self.columns {
+            names = names.with_column(*role, column.clone()).map_err(config)?;
+        }
+        names.header_columns = self.header_columns.clone();
+        Ok((template, names))
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -132,6 +169,9 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub kafka: KafkaArgs,
+
+    #[command(flatten)]
+    pub mapping: MappingArgs,
 
     /// exactly-once: after a restart, events an earlier run already wrote are skipped;
     /// at-least-once: they may be published again.
@@ -237,6 +277,27 @@ fn parse_identifier(text: &str) -> Result<String, String> {
     }
 }
 
+fn parse_column(text: &str) -> Result<(Role, Option<String>), String> {
+    let (role, column) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected ROLE=COLUMN (or ROLE= for none), got {text:?}"))?;
+    let role = role.trim().parse::<Role>()?;
+    let column = column.trim();
+    Ok((role, (!column.is_empty()).then(|| column.to_owned())))
+}
+
+fn parse_header_column(text: &str) -> Result<HeaderColumn, String> {
+    let (column, header) = text.split_once('=').unwrap_or((text, text));
+    let (column, header) = (column.trim(), header.trim());
+    if column.is_empty() || header.is_empty() {
+        return Err(format!("expected COLUMN or COLUMN=HEADER, got {text:?}"));
+    }
+    Ok(HeaderColumn {
+        column: column.to_owned(),
+        header: header.to_owned(),
+    })
+}
+
 fn parse_property(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_owned(), value.to_owned())),
@@ -260,6 +321,21 @@ mod tests {
         for bad in ["", "Outbox", "a-b", "a b", "x'; DROP", &"a".repeat(64)] {
             assert!(parse_identifier(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn columns_and_header_columns_parse() {
+        assert_eq!(parse_column("aggregate_id=order_id"), Ok((Role::AggregateId, Some("order_id".into()))));
+        assert_eq!(parse_column("aggregate_type="), Ok((Role::AggregateType, None)));
+        assert!(parse_column("key=order_id").is_err());
+        assert!(parse_column("payload").is_err());
+        let header = |column: &str, header: &str| HeaderColumn {
+            column: column.into(),
+            header: header.into(),
+        };
+        assert_eq!(parse_header_column("tenant"), Ok(header("tenant", "tenant")));
+        assert_eq!(parse_header_column("tenant=x-tenant"), Ok(header("tenant", "x-tenant")));
+        assert!(parse_header_column("=x").is_err());
     }
 
     #[test]

@@ -58,7 +58,7 @@ impl DeadLetter {
             id: Some(event.id.clone()),
             position: event.position,
             original_topic: Some(event.topic.clone()),
-            key: Some(event.key.clone()),
+            key: event.key.clone(),
             payload: event.payload.clone(),
             headers: event.headers.clone(),
             class,
@@ -132,7 +132,7 @@ impl DeadLetter {
         ));
         headers.push((HEADER_SOURCE.into(), Some(Bytes::copy_from_slice(source.as_bytes()))));
         OutboxEvent {
-            key: self.key.unwrap_or_else(|| Bytes::from(id.clone())),
+            key: Some(self.key.unwrap_or_else(|| Bytes::from(id.clone()))),
             payload: self.payload,
             topic: topic.to_owned(),
             id,
@@ -173,7 +173,7 @@ mod tests {
         let header = |name: &str| event.header(name).flatten().cloned();
         assert_eq!(event.topic, "dlq");
         assert_eq!(event.payload, Some(Bytes::from_static(b"{}")));
-        assert_eq!(event.key, Bytes::from_static(b"id-1"));
+        assert_eq!(event.key, Some(Bytes::from_static(b"id-1")));
         assert_eq!(header("id"), Some(Bytes::from_static(b"id-1")));
         assert_eq!(header("outbox.commit_lsn"), Some(Bytes::from_static(b"0/20")));
         assert_eq!(header("outbox.tx_index"), Some(Bytes::from_static(b"2")));

@@ -144,7 +144,7 @@ mod tests {
         OutboxEvent {
             id: id.into(),
             topic: "orders".into(),
-            key: bytes::Bytes::from_static(b"k"),
+            key: Some(bytes::Bytes::from_static(b"k")),
             payload: Some(bytes::Bytes::from_static(b"{}")),
             headers: Vec::new(),
             position: SourcePosition {

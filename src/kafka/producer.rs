@@ -176,7 +176,7 @@ impl Producer {
         self.send_parts(
             &event.topic,
             partition,
-            &event.key,
+            event.key.as_deref(),
             event.payload.as_deref(),
             &event.headers,
         )
@@ -186,7 +186,7 @@ impl Producer {
         &self,
         topic: &str,
         partition: i32,
-        key: &[u8],
+        key: Option<&[u8]>,
         payload: Option<&[u8]>,
         headers: &[(crate::outbox::HeaderName, Option<Bytes>)],
     ) -> Result<Delivery, KafkaError> {
@@ -200,8 +200,10 @@ impl Producer {
         let (reply, delivery) = tokio::sync::oneshot::channel();
         let mut record = BaseRecord::with_opaque_to(topic, Box::new(reply))
             .partition(partition)
-            .key(key)
             .headers(kafka_headers);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
         if let Some(payload) = payload {
             record = record.payload(payload);
         }

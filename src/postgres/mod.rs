@@ -3,6 +3,7 @@
 //! `tls`), the connections built from it (`connection`), the replication slot, the
 //! walsender stream, and the `pgoutput` decoder.
 
+pub mod catalog;
 pub mod connection;
 pub mod conninfo;
 pub mod failover;

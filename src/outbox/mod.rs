@@ -47,7 +47,8 @@ pub type Headers = Vec<(HeaderName, Option<Bytes>)>;
 pub struct OutboxEvent {
     pub id: String,
     pub topic: String,
-    pub key: Bytes,
+    /// `None` for a table without a key column (`--column aggregate_id=`).
+    pub key: Option<Bytes>,
     /// `None` is a tombstone (a NULL payload under `--preset debezium`).
     pub payload: Option<Bytes>,
     pub headers: Headers,
@@ -55,6 +56,13 @@ pub struct OutboxEvent {
 }
 
 impl OutboxEvent {
+    /// What picks the record's partition: its key, or for a keyless event its id, so that
+    /// the same event always lands in the same partition (the exactly-once fence compares
+    /// positions per partition).
+    pub fn routing_key(&self) -> &[u8] {
+        self.key.as_deref().unwrap_or(self.id.as_bytes())
+    }
+
     /// The value of the first header called `name`: `None` if there is none,
     /// `Some(None)` for a header without a value.
     pub fn header(&self, name: &str) -> Option<Option<&Bytes>> {
@@ -74,177 +82,33 @@ pub struct MappingError {
     pub reason: String,
 }
 
-/// A topic template such as `outbox.event.{aggregate_type}` that cannot be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid topic template {template:?}: {reason}")]
-pub struct TemplateError {
-    pub template: String,
-    pub reason: String,
-}
+pub mod columns;
+pub mod template;
 
-/// The outbox column names, and whether other columns become headers.
-#[derive(Debug, Clone)]
-pub struct ColumnNames {
-    pub id: String,
-    pub aggregate_type: String,
-    pub aggregate_id: String,
-    pub event_type: String,
-    pub payload: String,
-    pub headers: String,
-    /// Every column not named above (and not `created_at`) becomes a header with its text
-    /// value, as Debezium's `table.fields.additional.placement` does.
-    pub extra_columns_as_headers: bool,
-    /// Column values in headers are written as Debezium's converters write them
-    /// ([`crate::debezium_values`]); otherwise as PostgreSQL's text form.
-    pub debezium_values: bool,
-    /// A NULL payload becomes a record with a null value (a tombstone, which deletes the
-    /// key in a compacted topic), as Debezium's EventRouter does; otherwise it is an error.
-    pub null_payload_is_tombstone: bool,
-}
+pub use columns::{ColumnNames, HeaderColumn, Role, TableColumn, TRACEPARENT};
+pub use template::{validate_topic_name, TemplateError, TopicTemplate};
 
-/// A column whose value, when present, is carried into the header of the same name, so
-/// that traces continue across the relay (W3C Trace Context).
-pub const TRACEPARENT: &str = "traceparent";
-
-impl ColumnNames {
-    /// The columns every table in the publication must have.
-    pub fn required(&self) -> [&str; 5] {
-        [
-            &self.id,
-            &self.aggregate_type,
-            &self.aggregate_id,
-            &self.event_type,
-            &self.payload,
-        ]
-    }
-
-    /// The column names of Debezium's Outbox Event Router (`aggregatetype`, `aggregateid`,
-    /// `type`, `payload`), with any further columns as headers.
-    pub fn debezium() -> Self {
-        ColumnNames {
-            id: "id".into(),
-            aggregate_type: "aggregatetype".into(),
-            aggregate_id: "aggregateid".into(),
-            event_type: "type".into(),
-            payload: "payload".into(),
-            headers: "headers".into(),
-            extra_columns_as_headers: true,
-            debezium_values: true,
-            null_payload_is_tombstone: true,
-        }
-    }
-
-    fn is_known(&self, column: &str) -> bool {
-        self.required().contains(&column) || column == self.headers || column == "created_at"
-    }
-}
-
-impl Default for ColumnNames {
-    fn default() -> Self {
-        ColumnNames {
-            id: "id".into(),
-            aggregate_type: "aggregate_type".into(),
-            aggregate_id: "aggregate_id".into(),
-            event_type: "event_type".into(),
-            payload: "payload".into(),
-            headers: "headers".into(),
-            extra_columns_as_headers: false,
-            debezium_values: false,
-            null_payload_is_tombstone: false,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Segment {
-    Literal(String),
-    AggregateType,
-    EventType,
-}
-
-/// `{aggregate_type}` and `{event_type}` are replaced by the row's values.
-#[derive(Debug, Clone)]
-pub struct TopicTemplate {
-    segments: Vec<Segment>,
-}
-
-impl TopicTemplate {
-    pub fn parse(template: &str) -> Result<Self, TemplateError> {
-        let error = |reason: String| TemplateError {
-            template: template.to_owned(),
-            reason,
-        };
-        let mut segments = Vec::new();
-        let mut rest = template;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                segments.push(Segment::Literal(rest[..open].to_owned()));
-            }
-            let close = rest[open..]
-                .find('}')
-                .ok_or_else(|| error("a '{' is never closed".into()))?;
-            let segment = match &rest[open + 1..open + close] {
-                // Debezium's spellings are accepted too.
-                "aggregate_type" | "aggregatetype" => Segment::AggregateType,
-                "event_type" | "type" => Segment::EventType,
-                other => {
-                    return Err(error(format!(
-                        "unknown placeholder {{{other}}}; use {{aggregate_type}} or {{event_type}}"
-                    )))
-                }
-            };
-            segments.push(segment);
-            rest = &rest[open + close + 1..];
-        }
-        if rest.contains('}') {
-            return Err(error("a '}' has no opening '{'".into()));
-        }
-        if !rest.is_empty() {
-            segments.push(Segment::Literal(rest.to_owned()));
-        }
-        if segments.is_empty() {
-            return Err(error("the template is empty".into()));
-        }
-        Ok(TopicTemplate { segments })
-    }
-
-    fn render(&self, aggregate_type: &str, event_type: &str) -> Result<String, String> {
-        let mut topic = String::new();
-        for segment in &self.segments {
-            topic.push_str(match segment {
-                Segment::Literal(text) => text,
-                Segment::AggregateType => aggregate_type,
-                Segment::EventType => event_type,
-            });
-        }
-        validate_topic_name(&topic)?;
-        Ok(topic)
-    }
-}
-
-/// Kafka's own rule: 1 to 249 characters of `[a-zA-Z0-9._-]`, and not `.` or `..`.
-pub fn validate_topic_name(topic: &str) -> Result<(), String> {
-    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-    if topic.is_empty() || topic.len() > 249 || topic == "." || topic == ".." || !topic.chars().all(legal) {
-        return Err(format!(
-            "topic name {topic:?} is not legal in Kafka (1-249 characters of a-z A-Z 0-9 . _ -)"
-        ));
-    }
-    Ok(())
+/// A key or value column: where it sits and whether its text form is a bytea's hex.
+#[derive(Debug, Clone, Copy)]
+struct Field {
+    index: usize,
+    bytea: bool,
 }
 
 /// Where each outbox column sits in one table's rows.
 #[derive(Debug, Clone)]
 struct Layout {
-    id: usize,
-    aggregate_type: usize,
-    aggregate_id: usize,
-    event_type: usize,
-    payload: usize,
+    id: Option<usize>,
+    aggregate_type: Option<usize>,
+    aggregate_id: Option<Field>,
+    event_type: Option<usize>,
+    payload: Field,
     headers: Option<usize>,
-    /// Columns carried as headers: `traceparent` always, others with the Debezium preset;
-    /// with how their values are written.
+    /// Columns carried as headers (`traceparent` always, `--header-column`s, others with
+    /// the Debezium preset), with their header name and how their values are written.
     header_columns: Vec<(usize, String, Rendering)>,
+    /// The column of each placeholder of the topic template, in order.
+    topic_columns: Vec<(usize, String)>,
 }
 
 /// Maps inserts to events, remembering each table's layout from its Relation message.
@@ -270,43 +134,73 @@ impl Mapper {
 
     /// Learns (or relearns, after a schema change) a table's column positions.
     pub fn relation(&mut self, relation: &Relation) {
+        let layout = self.layout(relation);
+        self.layouts.insert(relation.id, layout);
+    }
+
+    fn layout(&self, relation: &Relation) -> Result<Layout, String> {
         let find = |name: &str| relation.columns.iter().position(|column| column.name == name);
-        let require = |name: &str| {
+        let require = |name: &str, what: &str| {
             find(name).ok_or_else(|| {
                 format!(
-                    "table {}.{} has no column {name:?}; only outbox tables may be in the publication",
+                    "table {}.{} has no column {name:?} ({what}); only outbox tables may be in the publication",
                     relation.namespace, relation.name
                 )
             })
         };
-        let layout = (|| {
-            Ok(Layout {
-                id: require(&self.names.id)?,
-                aggregate_type: require(&self.names.aggregate_type)?,
-                aggregate_id: require(&self.names.aggregate_id)?,
-                event_type: require(&self.names.event_type)?,
-                payload: require(&self.names.payload)?,
-                headers: find(&self.names.headers),
-                header_columns: relation
-                    .columns
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, column)| {
-                        column.name == TRACEPARENT
-                            || (self.names.extra_columns_as_headers && !self.names.is_known(&column.name))
-                    })
-                    .map(|(index, column)| {
-                        let rendering = if self.names.debezium_values {
-                            crate::debezium_values::rendering(column.type_oid, column.type_modifier)
-                        } else {
-                            Rendering::Text
-                        };
-                        (index, column.name.clone(), rendering)
-                    })
-                    .collect(),
-            })
-        })();
-        self.layouts.insert(relation.id, layout);
+        let role = |role: Role| -> Result<Option<usize>, String> {
+            self.names
+                .column(role)
+                .map(|name| require(name, &format!("mapped as {role}")))
+                .transpose()
+        };
+        let field = |index: usize| Field {
+            index,
+            bytea: relation.columns[index].type_oid == columns::BYTEA_OID,
+        };
+        let names = &self.names;
+        let rendering = |index: usize| {
+            let column = &relation.columns[index];
+            if names.debezium_values {
+                crate::debezium_values::rendering(column.type_oid, column.type_modifier)
+            } else {
+                Rendering::Text
+            }
+        };
+        let mut header_columns = Vec::new();
+        for header in &names.header_columns {
+            let index = require(&header.column, "named by --header-column")?;
+            header_columns.push((index, header.header.clone(), rendering(index)));
+        }
+        for (index, column) in relation.columns.iter().enumerate() {
+            let extra = names.extra_columns_as_headers && !names.is_known(&column.name);
+            let traced = column.name == TRACEPARENT && !names.header_columns.iter().any(|h| h.column == TRACEPARENT);
+            if extra || traced {
+                header_columns.push((index, column.name.clone(), rendering(index)));
+            }
+        }
+        let mut topic_columns = Vec::new();
+        for segment in self.template.segments() {
+            let name = match segment {
+                template::Segment::Literal(_) => continue,
+                template::Segment::Column(name) => name.as_str(),
+                template::Segment::Role(role) => names.column(*role).ok_or_else(|| {
+                    format!("the topic template uses {{{role}}}, and the mapping has no {role} column")
+                })?,
+            };
+            topic_columns.push((require(name, "named in the topic template")?, name.to_owned()));
+        }
+        Ok(Layout {
+            id: role(Role::Id)?,
+            aggregate_type: role(Role::AggregateType)?,
+            aggregate_id: role(Role::AggregateId)?.map(field),
+            event_type: role(Role::EventType)?,
+            payload: field(require(&names.payload, "mapped as payload")?),
+            // The default table's headers column is optional.
+            headers: names.headers.as_deref().and_then(find),
+            header_columns,
+            topic_columns,
+        })
     }
 
     /// Builds the record for one inserted row.
@@ -341,25 +235,60 @@ impl Mapper {
             let bytes = value(index)?.ok_or_else(|| format!("column {name:?} is NULL"))?;
             std::str::from_utf8(bytes).map_err(|_| format!("column {name:?} is not UTF-8"))
         };
-
-        let id = text(layout.id, &self.names.id)
-            .map_err(|reason| fail(None, reason))?
-            .to_owned();
-        let with_id = |reason: String| fail(Some(id.clone()), reason);
-        let aggregate_type = text(layout.aggregate_type, &self.names.aggregate_type).map_err(with_id)?;
-        let event_type = text(layout.event_type, &self.names.event_type).map_err(with_id)?;
-        let key = value(layout.aggregate_id)
-            .map_err(with_id)?
-            .ok_or_else(|| with_id(format!("column {:?} is NULL", self.names.aggregate_id)))?
-            .clone();
-        let payload = match value(layout.payload).map_err(with_id)? {
-            Some(payload) => Some(payload.clone()),
-            None if self.names.null_payload_is_tombstone => None,
-            None => return Err(with_id(format!("column {:?} is NULL", self.names.payload))),
+        let bytes_of = |field: Field, name: &str| -> Result<Option<Bytes>, String> {
+            match value(field.index)? {
+                Some(text) if field.bytea => columns::decode_bytea(text)
+                    .map(|bytes| Some(Bytes::from(bytes)))
+                    .map_err(|reason| format!("column {name:?}: {reason}")),
+                other => Ok(other.cloned()),
+            }
         };
-        let topic = self.template.render(aggregate_type, event_type).map_err(with_id)?;
+        let names = &self.names;
+        let column_name = |role: Role| names.column(role).unwrap_or_default();
 
-        let mut headers = Vec::with_capacity(6);
+        let id = match layout.id {
+            Some(index) => text(index, column_name(Role::Id))
+                .map_err(|reason| fail(None, reason))?
+                .to_owned(),
+            // A table without an id column: the position, the same on every replay.
+            None => format!("{}:{}", position.commit_lsn, position.index),
+        };
+        let with_id = |reason: String| fail(Some(id.clone()), reason);
+        let aggregate_type = layout
+            .aggregate_type
+            .map(|index| text(index, column_name(Role::AggregateType)))
+            .transpose()
+            .map_err(with_id)?;
+        let event_type = layout
+            .event_type
+            .map(|index| text(index, column_name(Role::EventType)))
+            .transpose()
+            .map_err(with_id)?;
+        let key = match layout.aggregate_id {
+            None => None,
+            Some(field) => Some(
+                bytes_of(field, column_name(Role::AggregateId))
+                    .map_err(with_id)?
+                    .ok_or_else(|| with_id(format!("column {:?} is NULL", column_name(Role::AggregateId))))?,
+            ),
+        };
+        let payload = match bytes_of(layout.payload, &names.payload).map_err(with_id)? {
+            Some(payload) => Some(payload),
+            None if names.null_payload_is_tombstone => None,
+            None => return Err(with_id(format!("column {:?} is NULL", names.payload))),
+        };
+        let mut placeholders = layout.topic_columns.iter();
+        let topic = self
+            .template
+            .render(|_| {
+                let (index, name) = placeholders
+                    .next()
+                    .ok_or_else(|| "the topic template changed after the table was read".to_owned())?;
+                text(*index, name).map_err(|reason| format!("{reason} (it names the topic)"))
+            })
+            .map_err(with_id)?;
+
+        let mut headers = Vec::with_capacity(6 + layout.header_columns.len());
         if let Some(index) = layout.headers {
             if let Some(json) = value(index).map_err(with_id)? {
                 extra_headers(json, &mut headers).map_err(with_id)?;
@@ -442,7 +371,15 @@ impl Mapper {
         };
         let topic = self
             .template
-            .render(&message.aggregate_type, &message.event_type)
+            .render(|segment| match segment {
+                template::Segment::Role(Role::AggregateType) => Ok(&message.aggregate_type),
+                template::Segment::Role(Role::EventType) => Ok(&message.event_type),
+                template::Segment::Role(Role::AggregateId) => Ok(&message.aggregate_id),
+                template::Segment::Role(Role::Id) => Ok(&id),
+                other => Err(format!(
+                    "the topic template names {other:?}, which a logical message does not have"
+                )),
+            })
             .map_err(with_id)?;
         let mut headers = Vec::with_capacity(6);
         if let Some(extra) = message.headers {
@@ -451,12 +388,12 @@ impl Mapper {
         self.standard_headers(
             &mut headers,
             &id,
-            &message.event_type,
-            &message.aggregate_type,
+            Some(&message.event_type),
+            Some(&message.aggregate_type),
             position,
         );
         Ok(OutboxEvent {
-            key: Bytes::from(message.aggregate_id),
+            key: Some(Bytes::from(message.aggregate_id)),
             payload: Some(Bytes::copy_from_slice(message.payload.get().as_bytes())),
             topic,
             id,
@@ -469,19 +406,23 @@ impl Mapper {
         &self,
         headers: &mut Headers,
         id: &str,
-        event_type: &str,
-        aggregate_type: &str,
+        event_type: Option<&str>,
+        aggregate_type: Option<&str>,
         position: SourcePosition,
     ) {
         headers.push((HEADER_ID.into(), Some(Bytes::copy_from_slice(id.as_bytes()))));
-        headers.push((
-            HEADER_EVENT_TYPE.into(),
-            Some(Bytes::copy_from_slice(event_type.as_bytes())),
-        ));
-        headers.push((
-            HEADER_AGGREGATE_TYPE.into(),
-            Some(Bytes::copy_from_slice(aggregate_type.as_bytes())),
-        ));
+        if let Some(event_type) = event_type {
+            headers.push((
+                HEADER_EVENT_TYPE.into(),
+                Some(Bytes::copy_from_slice(event_type.as_bytes())),
+            ));
+        }
+        if let Some(aggregate_type) = aggregate_type {
+            headers.push((
+                HEADER_AGGREGATE_TYPE.into(),
+                Some(Bytes::copy_from_slice(aggregate_type.as_bytes())),
+            ));
+        }
         headers.push((
             HEADER_COMMIT_LSN.into(),
             Some(Bytes::from(position.commit_lsn.to_string())),
@@ -500,7 +441,10 @@ impl Mapper {
             Some(Value::Text(bytes)) => Some(bytes.clone()),
             _ => None,
         };
-        (text(layout.aggregate_id), text(layout.payload))
+        (
+            layout.aggregate_id.and_then(|field| text(field.index)),
+            text(layout.payload.index),
+        )
     }
 }
 
@@ -577,7 +521,7 @@ mod tests {
         ]);
         let event = mapper().map(&row, POSITION).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(event.topic, "outbox.event.order");
-        assert_eq!(event.key, Bytes::from_static(b"o-1"));
+        assert_eq!(event.key, Some(Bytes::from_static(b"o-1")));
         assert_eq!(event.payload, Some(Bytes::from_static(br#"{"total": 5}"#)));
         assert_eq!(event.header("id"), Some(Some(&Bytes::from_static(b"0b5c"))));
         assert_eq!(
@@ -738,7 +682,7 @@ mod tests {
             .map_message(content, POSITION)
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(event.topic, "outbox.event.order");
-        assert_eq!(event.key, Bytes::from_static(b"o-1"));
+        assert_eq!(event.key, Some(Bytes::from_static(b"o-1")));
         assert_eq!(
             event.payload,
             Some(Bytes::from_static(br#"{"total":  5}"#)),
@@ -753,14 +697,112 @@ mod tests {
         assert!(mapper().map_message(b"not json", POSITION).is_err());
     }
 
+    fn column(name: &str, type_oid: u32) -> crate::postgres::pgoutput::Column {
+        crate::postgres::pgoutput::Column {
+            flags: 0,
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+        }
+    }
+
+    fn row(relation_id: u32, values: &[Option<&str>]) -> Insert {
+        match decode(&Bytes::from(build::insert(relation_id, values))) {
+            Ok(Message::Insert(insert)) => insert,
+            other => panic!("insert did not decode: {other:?}"),
+        }
+    }
+
     #[test]
-    fn templates_accept_known_placeholders_only() {
-        assert!(TopicTemplate::parse("events").is_ok());
-        assert!(TopicTemplate::parse("{aggregate_type}.{event_type}").is_ok());
-        assert!(TopicTemplate::parse("outbox.event.{aggregatetype}").is_ok());
-        assert!(TopicTemplate::parse("x.{aggregate_id}").is_err());
-        assert!(TopicTemplate::parse("x.{aggregate_type").is_err());
-        assert!(TopicTemplate::parse("x}").is_err());
-        assert!(TopicTemplate::parse("").is_err());
+    fn the_seeds_table_maps_without_aggregate_columns() {
+        let mut names = ColumnNames::default();
+        for role in [Role::AggregateType, Role::AggregateId, Role::Headers] {
+            names = names.with_column(role, None).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let template = TopicTemplate::parse("shop.{event_type}").unwrap_or_else(|e| panic!("{e}"));
+        let mut mapper = Mapper::new(template, names, "app/outbox_relay");
+        mapper.relation(&Relation {
+            id: 9,
+            namespace: "public".into(),
+            name: "outbox".into(),
+            replica_identity: b'd',
+            columns: vec![
+                column("id", 23),
+                column("event_type", 25),
+                column("payload", 25),
+                column("status", 25),
+                column("created_at", 1114),
+            ],
+        });
+        let insert = row(
+            9,
+            &[Some("42"), Some("OrderPlaced"), Some("plain text, not JSON"), Some("PENDING"), None],
+        );
+        let event = mapper.map(&insert, POSITION).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(event.topic, "shop.OrderPlaced");
+        assert_eq!(event.key, None);
+        assert_eq!(event.routing_key(), b"42", "a keyless event is routed by its id");
+        assert_eq!(event.payload, Some(Bytes::from_static(b"plain text, not JSON")));
+        assert_eq!(event.header("id"), Some(Some(&Bytes::from_static(b"42"))));
+        assert_eq!(event.header("aggregate_type"), None);
+        assert_eq!(event.header("status"), None, "other columns are not headers unless named");
+    }
+
+    #[test]
+    fn business_keys_bytea_values_header_columns_and_column_placeholders() {
+        let mut names = ColumnNames::default()
+            .with_column(Role::AggregateId, Some("order_id".into()))
+            .and_then(|n| n.with_column(Role::Payload, Some("body".into())))
+            .and_then(|n| n.with_column(Role::AggregateType, None))
+            .and_then(|n| n.with_column(Role::Id, Some("event_id".into())))
+            .unwrap_or_else(|e| panic!("{e}"));
+        names.header_columns.push(HeaderColumn {
+            column: "tenant".into(),
+            header: "x-tenant".into(),
+        });
+        let template = TopicTemplate::parse("{tenant}.{event_type}").unwrap_or_else(|e| panic!("{e}"));
+        let mut mapper = Mapper::new(template, names, "app/outbox_relay");
+        mapper.relation(&Relation {
+            id: 3,
+            namespace: "billing".into(),
+            name: "outbox_event".into(),
+            replica_identity: b'd',
+            columns: vec![
+                column("event_id", 2950),
+                column("order_id", 20),
+                column("event_type", 25),
+                column("body", columns::BYTEA_OID),
+                column("tenant", 25),
+            ],
+        });
+        let insert = row(
+            3,
+            &[Some("0b5c"), Some("1001"), Some("Paid"), Some("\\x00ff"), Some("acme")],
+        );
+        let event = mapper.map(&insert, POSITION).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(event.topic, "acme.Paid");
+        assert_eq!(event.key, Some(Bytes::from_static(b"1001")));
+        assert_eq!(event.payload, Some(Bytes::from_static(&[0, 255])));
+        assert_eq!(event.header("x-tenant"), Some(Some(&Bytes::from_static(b"acme"))));
+        assert_eq!(event.id, "0b5c");
+        let null_topic = row(3, &[Some("0b5d"), Some("1001"), Some("Paid"), Some("\\x00"), None]);
+        let error = mapper.map(&null_topic, POSITION).err().unwrap_or_else(|| panic!("mapped"));
+        assert!(error.reason.contains("tenant") && error.reason.contains("topic"), "{error}");
+    }
+
+    #[test]
+    fn a_table_without_an_id_column_gets_the_position_as_id() {
+        let names = ColumnNames::default()
+            .with_column(Role::Id, None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let template = TopicTemplate::parse("outbox.event.{aggregate_type}").unwrap_or_else(|e| panic!("{e}"));
+        let mut mapper = Mapper::new(template, names, "app/outbox_relay");
+        let Ok(Message::Relation(relation)) = decode(&Bytes::from(build::relation(1, "outbox", &COLUMNS))) else {
+            panic!("relation did not decode");
+        };
+        mapper.relation(&relation);
+        let insert = insert(&[Some("ignored"), Some("order"), Some("o-1"), Some("E"), Some("{}"), None, None]);
+        let event = mapper.map(&insert, POSITION).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(event.id, "1/A0:3");
     }
 }
