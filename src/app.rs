@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use crate::config::{Delivery, OnPoison, RunArgs, SlotBusy};
+use crate::config::{Delivery, OnPoison, PostgresArgs, PublishArgs, RunArgs, SlotBusy};
 use crate::dead_letter::DeadLetter;
 use crate::error::{Classify, ErrorClass, RelayError};
 use crate::kafka::{
@@ -29,6 +29,7 @@ use crate::postgres::stream::{ReplicationStream, StreamError, StreamEvent};
 use crate::progress::{Progress, TxnId};
 use crate::readiness::Health;
 use crate::shutdown::Shutdown;
+use crate::source::{Confirm, Source};
 
 /// How often a standby relay asks for the slot while another process holds it.
 const SLOT_RETRY: Duration = Duration::from_secs(1);
@@ -57,30 +58,46 @@ pub struct RelaySettings {
 
 impl RelaySettings {
     pub fn from_args(args: &RunArgs) -> Result<Self, RelayError> {
-        crate::outbox::validate_topic_name(&args.dead_letter_topic)
-            .map_err(|e| RelayError::Config(format!("--dead-letter-topic: {e}")))?;
-        let (template, columns) = args.mapping.mapping()?;
         Ok(RelaySettings {
-            database: args.postgres.database()?,
-            slot: args.postgres.slot.clone(),
-            publication: args.postgres.publication.clone(),
-            producer: ProducerSettings {
-                bootstrap_servers: args.kafka.bootstrap_servers.clone(),
-                properties: args.kafka.kafka_properties.clone(),
-            },
-            template,
-            columns,
-            delivery: args.delivery,
-            on_poison: args.on_poison,
-            dead_letter_topic: args.dead_letter_topic.clone(),
             slot_busy: args.slot_busy,
             heartbeat_interval: args.heartbeat_interval,
             metrics_addr: args.metrics_addr,
             ready_max_lag: args.ready_max_lag,
-            max_in_flight: args.max_in_flight as usize,
-            shutdown_timeout: args.shutdown_timeout,
             reconnect_backoff_max: args.reconnect_backoff_max,
             retention: args.retention,
+            ..Self::for_publishing(&args.postgres, &args.publish)?
+        })
+    }
+
+    /// The settings a publisher needs (`setup --backfill`), with `run`'s defaults for the rest.
+    pub fn for_publishing(postgres: &PostgresArgs, publish: &PublishArgs) -> Result<Self, RelayError> {
+        crate::outbox::validate_topic_name(&publish.dead_letter_topic)
+            .map_err(|e| RelayError::Config(format!("--dead-letter-topic: {e}")))?;
+        let (template, columns) = publish.mapping.mapping()?;
+        let bootstrap_servers = publish.kafka.bootstrap_servers.clone().ok_or_else(|| {
+            RelayError::Config("no Kafka to publish to: set KAFKA_BOOTSTRAP_SERVERS (or --bootstrap-servers)".into())
+        })?;
+        Ok(RelaySettings {
+            database: postgres.database()?,
+            slot: postgres.slot.clone(),
+            publication: postgres.publication.clone(),
+            producer: ProducerSettings {
+                bootstrap_servers,
+                properties: publish.kafka.kafka_properties.clone(),
+            },
+            template,
+            columns,
+            delivery: publish.delivery,
+            on_poison: publish.on_poison,
+            dead_letter_topic: publish.dead_letter_topic.clone(),
+            slot_busy: SlotBusy::Wait,
+            heartbeat_interval: Duration::ZERO,
+            metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            ready_max_lag: Duration::from_secs(60),
+            max_in_flight: publish.max_in_flight as usize,
+            shutdown_timeout: publish.shutdown_timeout,
+            reconnect_backoff_max: Duration::from_secs(30),
+            retention: None,
         })
     }
 
@@ -132,25 +149,7 @@ pub async fn run(settings: RelaySettings, shutdown: Shutdown) -> Result<(), Rela
         tokio::spawn(cleaner.run(shutdown.clone()))
     });
 
-    let source = settings.source();
-    let mapper = Mapper::new(settings.template.clone(), settings.columns.clone(), &source);
-    let exactly_once = settings.delivery == Delivery::ExactlyOnce;
-    let fence = Fence::new(producer.clone(), &settings.producer, source, exactly_once);
-    let mut relay = Relay {
-        settings,
-        pipeline: Pipeline::new(producer),
-        mapper,
-        fence,
-        progress: None,
-        poisoned: VecDeque::new(),
-        metrics,
-        health,
-        confirmed,
-        last_read_commit_time: None,
-        published_before: None,
-        server_identity: None,
-        shutdown: shutdown.clone(),
-    };
+    let mut relay = Relay::new(settings, producer, metrics, health, confirmed, shutdown.clone());
     let result = relay.run(shutdown).await;
     let m = &relay.metrics;
     tracing::info!(
@@ -169,6 +168,46 @@ pub async fn run(settings: RelaySettings, shutdown: Shutdown) -> Result<(), Rela
     let _ = monitor.await;
     let _ = server.await;
     result
+}
+
+/// How a source that ends (a backfill) finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceOutcome {
+    /// Every event was read and acknowledged (or dead-lettered).
+    Finished,
+    /// Shutdown came first; what was acknowledged is confirmed.
+    Interrupted,
+}
+
+/// Publishes every event of `source` with `run`'s mapping, fence, delivery and progress
+/// rules, starting after position `start`; `source` is told what is confirmed.
+pub async fn publish_source<S: Source>(
+    settings: RelaySettings,
+    source: &mut S,
+    start: Lsn,
+    metrics: Arc<Metrics>,
+    mut shutdown: Shutdown,
+) -> Result<SourceOutcome, RelayError> {
+    let producer = Producer::new(&settings.producer).map_err(|e| RelayError::Config(e.to_string()))?;
+    let (confirmed, _) = tokio::sync::watch::channel(start);
+    let limit = settings.shutdown_timeout;
+    let mut relay = Relay::new(settings, producer, metrics, Arc::default(), confirmed, shutdown.clone());
+    relay.progress = Some(Progress::new(start));
+    let outcome = match relay.pump(source, &mut shutdown).await {
+        Interrupt::Ended => relay.settle_all(source, &mut shutdown).await,
+        Interrupt::Shutdown => Ok(SourceOutcome::Interrupted),
+        Interrupt::Failed(error) => Err(error),
+    };
+    if !matches!(outcome, Ok(SourceOutcome::Finished)) {
+        let (_never, mut no_shutdown) = crate::shutdown::channel();
+        if relay.drain(Some(limit), &mut no_shutdown).await.is_err() {
+            tracing::warn!(
+                in_flight = relay.pipeline.len(),
+                "events still unacknowledged at exit; they will be sent again"
+            );
+        }
+    }
+    outcome
 }
 
 /// A transaction as the events in flight know it.
@@ -207,6 +246,8 @@ struct OpenTxn {
 /// between starting the next session (transient) and ending the run.
 enum Interrupt {
     Shutdown,
+    /// The source has no more events (a backfill read its last row).
+    Ended,
     Failed(RelayError),
 }
 
@@ -251,6 +292,60 @@ struct Relay {
 }
 
 impl Relay {
+    fn new(
+        settings: RelaySettings,
+        producer: Producer,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        confirmed: tokio::sync::watch::Sender<Lsn>,
+        shutdown: Shutdown,
+    ) -> Relay {
+        let source = settings.source();
+        let mapper = Mapper::new(settings.template.clone(), settings.columns.clone(), &source);
+        let exactly_once = settings.delivery == Delivery::ExactlyOnce;
+        let fence = Fence::new(producer.clone(), &settings.producer, source, exactly_once);
+        Relay {
+            settings,
+            pipeline: Pipeline::new(producer),
+            mapper,
+            fence,
+            progress: None,
+            poisoned: VecDeque::new(),
+            metrics,
+            health,
+            confirmed,
+            last_read_commit_time: None,
+            published_before: None,
+            server_identity: None,
+            shutdown,
+        }
+    }
+
+    /// After a source ended: waits for every acknowledgement, dead-lettering what the
+    /// broker refused for good, until nothing is in flight.
+    async fn settle_all(&mut self, source: &dyn Confirm, shutdown: &mut Shutdown) -> Result<SourceOutcome, RelayError> {
+        loop {
+            if !self.poisoned.is_empty() {
+                match self.handle_poisoned(source).await {
+                    Ok(()) => {}
+                    Err(Interrupt::Failed(error)) => return Err(error),
+                    Err(_) => return Ok(SourceOutcome::Interrupted),
+                }
+            }
+            if self.pipeline.is_empty() {
+                return Ok(SourceOutcome::Finished);
+            }
+            let ack = tokio::select! {
+                biased;
+                _ = shutdown.wait() => return Ok(SourceOutcome::Interrupted),
+                ack = self.pipeline.next_ack() => ack,
+            };
+            if let Some(ack) = ack {
+                self.settle(ack, Some(source))?;
+            }
+        }
+    }
+
     async fn run(&mut self, mut shutdown: Shutdown) -> Result<(), RelayError> {
         let mut backoff = Backoff::new(self.settings.reconnect_backoff_max);
         // Until the first session has streamed, failing to reach PostgreSQL is a
@@ -326,11 +421,17 @@ impl Relay {
             let host = self.settings.database.server_label(server);
             tracing::info!(slot = %self.settings.slot, publication = %self.settings.publication, start = %start, server = %host, "streaming");
 
-            let ended = self.pump(&mut stream, &mut shutdown).await;
+            let ended = match self.pump(&mut stream, &mut shutdown).await {
+                Interrupt::Shutdown => None,
+                Interrupt::Ended => {
+                    Some(StreamError::transient("the server ended the replication stream".into()).into())
+                }
+                Interrupt::Failed(error) => Some(error),
+            };
             self.health.set_streaming(false);
             self.metrics.streaming.set(0);
             match ended {
-                Interrupt::Shutdown => {
+                None => {
                     tracing::info!(
                         in_flight = self.pipeline.len(),
                         "shutting down: waiting for acknowledgements"
@@ -339,7 +440,7 @@ impl Relay {
                     tracing::info!(%confirmed, "stopped");
                     return Ok(());
                 }
-                Interrupt::Failed(error) if error.is_transient() => {
+                Some(error) if error.is_transient() => {
                     let reason = crate::error::chain(&error);
                     tracing::warn!(%reason, in_flight = self.pipeline.len(), "replication session ended; resuming from the last acknowledged position");
                     drop(stream);
@@ -358,7 +459,7 @@ impl Relay {
                     }
                     backoff.wait(&mut shutdown).await;
                 }
-                Interrupt::Failed(error) => {
+                Some(error) => {
                     self.metrics.error(error.class().as_str());
                     tracing::error!(error = %crate::error::chain(&error), in_flight = self.pipeline.len(), "stopping");
                     // Confirm what was acknowledged before the failure, nothing after it.
@@ -422,6 +523,12 @@ impl Relay {
                 .columns
                 .validate(&table.display(), &table.columns, &self.settings.template)
                 .map_err(|problem| RelayError::Config(format!("mapping: {problem}")))?;
+            if let Some(reason) = crate::backfill::unfinished(&client, &table, &self.settings.slot)
+                .await
+                .map_err(sql_error)?
+            {
+                return Err(RelayError::Backfill(reason));
+            }
         }
         let slot_position = info.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
         // This process's own confirmed position holds only on the server it was confirmed
@@ -449,16 +556,16 @@ impl Relay {
     }
 
     /// One session's loop, until it is interrupted.
-    async fn pump(&mut self, stream: &mut ReplicationStream, shutdown: &mut Shutdown) -> Interrupt {
+    async fn pump<S: Source>(&mut self, stream: &mut S, shutdown: &mut Shutdown) -> Interrupt {
         match self.pump_until_interrupted(stream, shutdown).await {
             Ok(never) => match never {},
             Err(interrupt) => interrupt,
         }
     }
 
-    async fn pump_until_interrupted(
+    async fn pump_until_interrupted<S: Source>(
         &mut self,
-        stream: &mut ReplicationStream,
+        stream: &mut S,
         shutdown: &mut Shutdown,
     ) -> Result<std::convert::Infallible, Interrupt> {
         let mut open: Option<OpenTxn> = None;
@@ -479,7 +586,7 @@ impl Relay {
                 // backpressure then slows the walsender. Cancel-safe.
                 event = stream.next(), if has_room => match event? {
                     Some(event) => self.on_event(event, &mut open, stream).await?,
-                    None => return Err(StreamError::transient("the server ended the replication stream".into()).into()),
+                    None => return Err(Interrupt::Ended),
                 },
             }
         }
@@ -489,7 +596,7 @@ impl Relay {
         &mut self,
         event: StreamEvent,
         open: &mut Option<OpenTxn>,
-        stream: &ReplicationStream,
+        stream: &dyn Confirm,
     ) -> Result<(), Interrupt> {
         let message = match event {
             StreamEvent::Keepalive { wal_end } => {
@@ -498,6 +605,13 @@ impl Relay {
                 return Ok(());
             }
             StreamEvent::Message(message) => message,
+            StreamEvent::Row { insert, index } => {
+                let txn = open
+                    .as_mut()
+                    .ok_or_else(|| RelayError::Protocol("a row outside a transaction".into()))?;
+                txn.next_index = index;
+                return self.on_insert(&insert, open, stream).await;
+            }
         };
         match message {
             Message::Begin(begin) => {
@@ -523,14 +637,7 @@ impl Relay {
                 self.after_progress(moved, Some(stream));
             }
             Message::Relation(relation) => self.mapper.relation(&relation),
-            Message::Insert(insert) => {
-                let (position, txn) = next_position(open, "Insert")?;
-                let mapped = self.mapper.map(&insert, position).map_err(|error| {
-                    let (key, payload) = self.mapper.salvage(&insert);
-                    DeadLetter::from_mapping(&error, key, payload)
-                });
-                self.publish_mapped(mapped, txn, stream).await?;
-            }
+            Message::Insert(insert) => self.on_insert(&insert, open, stream).await?,
             // A table-less event, written inside the business transaction.
             Message::Logical(message) if message.transactional && message.prefix == crate::outbox::MESSAGE_PREFIX => {
                 let (position, txn) = next_position(open, "outbox message")?;
@@ -560,12 +667,26 @@ impl Relay {
         Ok(())
     }
 
+    async fn on_insert(
+        &mut self,
+        insert: &crate::postgres::pgoutput::Insert,
+        open: &mut Option<OpenTxn>,
+        stream: &dyn Confirm,
+    ) -> Result<(), Interrupt> {
+        let (position, txn) = next_position(open, "Insert")?;
+        let mapped = self.mapper.map(insert, position).map_err(|error| {
+            let (key, payload) = self.mapper.salvage(insert);
+            DeadLetter::from_mapping(&error, key, payload)
+        });
+        self.publish_mapped(mapped, txn, stream).await
+    }
+
     /// Publishes a mapped event, or dead-letters what could not be mapped.
     async fn publish_mapped(
         &mut self,
         mapped: Result<OutboxEvent, DeadLetter>,
         txn: TxnRef,
-        stream: &ReplicationStream,
+        stream: &dyn Confirm,
     ) -> Result<(), Interrupt> {
         match mapped {
             Ok(event) => self.publish(event, txn, stream).await,
@@ -578,7 +699,7 @@ impl Relay {
 
     /// Routes an event (skipping it if an earlier run wrote it) and hands it to Kafka; a
     /// refusal for good dead-letters it.
-    async fn publish(&mut self, event: OutboxEvent, txn: TxnRef, stream: &ReplicationStream) -> Result<(), Interrupt> {
+    async fn publish(&mut self, event: OutboxEvent, txn: TxnRef, stream: &dyn Confirm) -> Result<(), Interrupt> {
         let route = match self.route_unwritten(&event, stream).await? {
             Ok(Some(route)) => route,
             Ok(None) => return Ok(()),
@@ -609,12 +730,7 @@ impl Relay {
 
     /// Sends an event that can never be published to the dead-letter topic, or stops the
     /// relay (`--on-poison halt`, or when the dead-letter topic refuses it too).
-    async fn dead_letter(
-        &mut self,
-        letter: DeadLetter,
-        txn: TxnRef,
-        stream: &ReplicationStream,
-    ) -> Result<(), Interrupt> {
+    async fn dead_letter(&mut self, letter: DeadLetter, txn: TxnRef, stream: &dyn Confirm) -> Result<(), Interrupt> {
         if self.settings.on_poison == OnPoison::Halt {
             return Err(letter.into_halt_error().into());
         }
@@ -645,7 +761,7 @@ impl Relay {
     async fn route_unwritten(
         &mut self,
         event: &OutboxEvent,
-        stream: &ReplicationStream,
+        stream: &dyn Confirm,
     ) -> Result<Result<Option<Route>, FenceError>, Interrupt> {
         let route = match self.fence.route(&event.topic, event.routing_key(), event.position) {
             Some(route) => route,
@@ -672,11 +788,7 @@ impl Relay {
     /// exactly-once, this source's last records there) without stopping the session:
     /// acknowledgements are settled and keepalives answered while the broker is asked,
     /// and the wait is logged and counted in `topics_being_read`.
-    async fn read_topic(
-        &mut self,
-        topic: &str,
-        stream: &ReplicationStream,
-    ) -> Result<Result<(), FenceError>, Interrupt> {
+    async fn read_topic(&mut self, topic: &str, stream: &dyn Confirm) -> Result<Result<(), FenceError>, Interrupt> {
         let mut reading = self.fence.read_topic(topic);
         let started = std::time::Instant::now();
         let mut report = tokio::time::interval_at(
@@ -721,7 +833,7 @@ impl Relay {
         partition: i32,
         txn: TxnRef,
         dead_letter: bool,
-        stream: &ReplicationStream,
+        stream: &dyn Confirm,
     ) -> Result<Option<Refusal>, Interrupt> {
         loop {
             let tag = EventTag {
@@ -769,7 +881,7 @@ impl Relay {
 
     /// Accounts for one acknowledgement. A record refused for good is queued for
     /// [`handle_poisoned`](Self::handle_poisoned); its transaction stays unconfirmed.
-    fn settle(&mut self, ack: Acked<EventTag>, stream: Option<&ReplicationStream>) -> Result<(), RelayError> {
+    fn settle(&mut self, ack: Acked<EventTag>, stream: Option<&dyn Confirm>) -> Result<(), RelayError> {
         let tag = ack.tag;
         self.metrics.events_in_flight.set(self.pipeline.len() as i64);
         if let Err(failure) = &ack.result {
@@ -815,7 +927,7 @@ impl Relay {
 
     /// Dead-letters records Kafka refused after queueing them, then counts the original
     /// as done, so that its transaction waits for the dead-letter record's acknowledgement.
-    async fn handle_poisoned(&mut self, stream: &ReplicationStream) -> Result<(), Interrupt> {
+    async fn handle_poisoned(&mut self, stream: &dyn Confirm) -> Result<(), Interrupt> {
         while let Some((tag, failure)) = self.poisoned.pop_front() {
             let reason = failure.error.to_string();
             let mut letter =
@@ -831,7 +943,7 @@ impl Relay {
     }
 
     /// Reports a moved confirmed LSN to PostgreSQL and keeps the lag figures current.
-    fn after_progress(&self, moved: Option<Lsn>, stream: Option<&ReplicationStream>) {
+    fn after_progress(&self, moved: Option<Lsn>, stream: Option<&dyn Confirm>) {
         if let Some(lsn) = moved {
             if let Some(stream) = stream {
                 stream.confirm(lsn);

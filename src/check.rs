@@ -335,6 +335,12 @@ async fn publication(settings: &RelaySettings, client: &Client) -> Result<Vec<It
     ))];
     for table in &tables {
         items.push(mapping_item(settings, client, table).await?);
+        if let Some(reason) = crate::backfill::unfinished(client, table, &settings.slot).await? {
+            items.push(Item::fail(
+                reason,
+                "run the backfill command again; it resumes where it stopped",
+            ));
+        }
     }
     Ok(items)
 }
@@ -345,7 +351,10 @@ async fn mapping_item(
     client: &Client,
     table: &crate::postgres::catalog::PublishedTable,
 ) -> Result<Item, tokio_postgres::Error> {
-    if let Err(problem) = settings.columns.validate(&table.display(), &table.columns, &settings.template) {
+    if let Err(problem) = settings
+        .columns
+        .validate(&table.display(), &table.columns, &settings.template)
+    {
         return Ok(Item::fail(
             format!("mapping: {problem}"),
             "map each role to a column of the table with --column ROLE=COLUMN (ROLE= when there is none), or pick the matching --preset",
@@ -371,7 +380,10 @@ async fn mapping_item(
             sample_record(&event)
         )),
         Err(error) => Item::warn(
-            format!("mapping fits table {}, but a row of it cannot be published: {error}", table.display()),
+            format!(
+                "mapping fits table {}, but a row of it cannot be published: {error}",
+                table.display()
+            ),
             "such rows go to the dead-letter topic (or halt with --on-poison halt); fix the row or the mapping",
         ),
     })

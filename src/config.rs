@@ -104,15 +104,15 @@ impl PostgresArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct KafkaArgs {
-    /// Kafka bootstrap servers, comma-separated host:port.
+    /// Kafka bootstrap servers, comma-separated host:port (needed by run, check and
+    /// setup --backfill).
     #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS")]
-    pub bootstrap_servers: String,
+    pub bootstrap_servers: Option<String>,
 
     /// Extra librdkafka property KEY=VALUE (TLS, SASL, compression, ...). Repeatable; in
     /// the environment variable, separate properties with ';'.
     #[arg(long = "kafka-property", env = "OUTBOX_RELAY_KAFKA_PROPERTIES", value_delimiter = ';', value_parser = parse_property)]
     pub kafka_properties: Vec<(String, String)>,
-
 }
 
 /// How rows become records: which column plays which part, and the topic.
@@ -162,11 +162,9 @@ impl MappingArgs {
     }
 }
 
+/// What publishing needs, for `run` and `setup --backfill` alike.
 #[derive(Debug, Clone, Args)]
-pub struct RunArgs {
-    #[command(flatten)]
-    pub postgres: PostgresArgs,
-
+pub struct PublishArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
@@ -187,6 +185,23 @@ pub struct RunArgs {
     #[arg(long, env = "OUTBOX_RELAY_DEAD_LETTER_TOPIC", default_value = "outbox.dlq")]
     pub dead_letter_topic: String,
 
+    /// Most events handed to Kafka and not yet acknowledged; reading pauses at this bound.
+    #[arg(long, env = "OUTBOX_RELAY_MAX_IN_FLIGHT", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+
+    /// On SIGINT/SIGTERM, how long to wait for acknowledgements of events in flight.
+    #[arg(long, env = "OUTBOX_RELAY_SHUTDOWN_TIMEOUT", default_value = "8s", value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub postgres: PostgresArgs,
+
+    #[command(flatten)]
+    pub publish: PublishArgs,
+
     /// When another process holds the slot: wait and take over when it is released
     /// (hot standby), or exit with code 5.
     #[arg(long, env = "OUTBOX_RELAY_SLOT_BUSY", value_enum, default_value_t = SlotBusy::Wait)]
@@ -204,14 +219,6 @@ pub struct RunArgs {
     /// /readyz answers 503 while the oldest unconfirmed commit is older than this.
     #[arg(long, env = "OUTBOX_RELAY_READY_MAX_LAG", default_value = "60s", value_parser = humantime::parse_duration)]
     pub ready_max_lag: Duration,
-
-    /// Most events handed to Kafka and not yet acknowledged; reading pauses at this bound.
-    #[arg(long, env = "OUTBOX_RELAY_MAX_IN_FLIGHT", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_in_flight: u32,
-
-    /// On SIGINT/SIGTERM, how long to wait for acknowledgements of events in flight.
-    #[arg(long, env = "OUTBOX_RELAY_SHUTDOWN_TIMEOUT", default_value = "8s", value_parser = humantime::parse_duration)]
-    pub shutdown_timeout: Duration,
 
     /// Delete outbox rows this long after their commit, once their events are confirmed
     /// (e.g. 1h; 0s: as soon as confirmed). Unset: rows are kept.
@@ -260,6 +267,21 @@ pub struct SetupArgs {
     /// sync_replication_slots keep a copy, so the relay resumes on a promoted standby.
     #[arg(long, env = "OUTBOX_RELAY_FAILOVER_SLOT", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub failover_slot: bool,
+
+    /// Create the slot and publish every row that existed when it was created and matches
+    /// this SQL condition (`true` for all, `status = 'PENDING'`, ...), in --backfill-order,
+    /// with run's mapping, fence and delivery rules; `run` then streams everything after.
+    /// Interrupted, the same command resumes. Runs as the configured role.
+    #[arg(long, env = "OUTBOX_RELAY_BACKFILL", value_name = "WHERE")]
+    pub backfill: Option<String>,
+
+    /// Column giving the table's insertion order for --backfill (ties broken by the id
+    /// column). Default: the id column.
+    #[arg(long, env = "OUTBOX_RELAY_BACKFILL_ORDER", value_name = "COLUMN")]
+    pub backfill_order: Option<String>,
+
+    #[command(flatten)]
+    pub publish: PublishArgs,
 }
 
 /// Slot and publication names go into replication commands verbatim, so only
@@ -325,7 +347,10 @@ mod tests {
 
     #[test]
     fn columns_and_header_columns_parse() {
-        assert_eq!(parse_column("aggregate_id=order_id"), Ok((Role::AggregateId, Some("order_id".into()))));
+        assert_eq!(
+            parse_column("aggregate_id=order_id"),
+            Ok((Role::AggregateId, Some("order_id".into())))
+        );
         assert_eq!(parse_column("aggregate_type="), Ok((Role::AggregateType, None)));
         assert!(parse_column("key=order_id").is_err());
         assert!(parse_column("payload").is_err());

@@ -176,12 +176,12 @@ mod tests {
     fn file_values_fill_in_what_the_command_line_leaves_out() {
         let run = run_args(parse_with(FILE, &["run"]).unwrap());
         assert_eq!(run.postgres.database_url, "postgres://app@db/app");
-        assert_eq!(run.kafka.bootstrap_servers, "kafka:9092");
+        assert_eq!(run.publish.kafka.bootstrap_servers.as_deref(), Some("kafka:9092"));
         assert_eq!(run.postgres.slot, "from_file");
-        assert_eq!(run.max_in_flight, 500);
+        assert_eq!(run.publish.max_in_flight, 500);
         assert_eq!(run.retention, Some(std::time::Duration::from_secs(3600)));
         assert_eq!(
-            run.kafka.kafka_properties,
+            run.publish.kafka.kafka_properties,
             vec![
                 ("linger.ms".to_owned(), "5".to_owned()),
                 ("compression.type".to_owned(), "zstd".to_owned())

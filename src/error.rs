@@ -153,6 +153,12 @@ pub enum RelayError {
     Internal(String),
     #[error("replication slot {slot:?} is held by another process and --slot-busy=exit: {detail}")]
     SlotBusy { slot: String, detail: String },
+    /// A backfill that cannot start (another slot of that name, an unusable table).
+    #[error("backfill: {0}")]
+    Backfill(String),
+    /// Stopped by a signal before the work was done; running the command again resumes.
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl Classify for RelayError {
@@ -168,7 +174,9 @@ impl Classify for RelayError {
             | RelayError::Protocol(_)
             | RelayError::Unreachable(_)
             | RelayError::Internal(_)
-            | RelayError::SlotBusy { .. } => ErrorClass::Fatal,
+            | RelayError::SlotBusy { .. }
+            | RelayError::Backfill(_) => ErrorClass::Fatal,
+            RelayError::Interrupted(_) => ErrorClass::Transient,
         }
     }
 }
@@ -183,7 +191,8 @@ impl RelayError {
         }
     }
 
-    /// 2: configuration or usage; 3: slot or publication missing or unusable;
+    /// 2: configuration or usage; 3: slot or publication missing or unusable (or a
+    /// backfill that cannot use them);
     /// 4: a row or record that cannot be published; 5: the slot is held by another
     /// process; 6: PostgreSQL refused the relay's role (password, or a privilege such as
     /// REPLICATION); 1: anything else.
@@ -191,7 +200,7 @@ impl RelayError {
         match self {
             RelayError::SlotBusy { .. } => 5,
             RelayError::Config(_) | RelayError::Url(_) => 2,
-            RelayError::Slot(_) => 3,
+            RelayError::Slot(_) | RelayError::Backfill(_) => 3,
             RelayError::Mapping(_) | RelayError::Delivery { .. } => 4,
             RelayError::Connect(error) if error.sqlstate.as_deref().is_some_and(is_access_refused) => 6,
             RelayError::Stream(error) if error.sqlstate().is_some_and(is_access_refused) => 6,

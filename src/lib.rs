@@ -26,6 +26,7 @@
 //! (WAL positions), [`clock`] (Unix and PostgreSQL time).
 
 pub mod app;
+pub mod backfill;
 pub mod check;
 pub mod cleanup;
 pub mod clock;
@@ -46,4 +47,5 @@ pub mod progress;
 pub mod readiness;
 pub mod setup;
 pub mod shutdown;
+pub mod source;
 pub mod status;

@@ -37,7 +37,11 @@ fn main() -> ExitCode {
 async fn execute(command: Command) -> Result<u8, RelayError> {
     match command {
         Command::Setup(args) => {
-            for line in outbox_relay::setup::setup(&args).await? {
+            let (trigger, shutdown) = shutdown::channel();
+            let signals = tokio::spawn(forward_signals(trigger));
+            let result = outbox_relay::setup::setup(&args, shutdown).await;
+            signals.abort();
+            for line in result? {
                 println!("{line}");
             }
             Ok(0)

@@ -18,7 +18,7 @@ pub const SHIPPED_SQL: [(&str, &str); 2] = [
 const SHIPPED_PUBLICATION: &str = "outbox_pub";
 
 /// Runs setup; returns one line per thing checked or done.
-pub async fn setup(args: &SetupArgs) -> Result<Vec<String>, RelayError> {
+pub async fn setup(args: &SetupArgs, shutdown: crate::shutdown::Shutdown) -> Result<Vec<String>, RelayError> {
     let database = args.postgres.database()?;
     let connected = database.open().await?;
     let (client, server) = (connected.client, connected.server);
@@ -54,6 +54,12 @@ pub async fn setup(args: &SetupArgs) -> Result<Vec<String>, RelayError> {
         .into());
     }
     report.push(format!("publication {publication} exists"));
+
+    if let Some(condition) = &args.backfill {
+        let lines = crate::backfill::backfill(args, condition, &database, client, server, shutdown).await?;
+        report.extend(lines);
+        return Ok(report);
+    }
 
     let slot_name = &args.postgres.slot;
     let major = slot::server_major(&client).await.map_err(sql_error)?;

@@ -68,13 +68,10 @@ impl fmt::Display for Role {
 impl std::str::FromStr for Role {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
-        Role::ALL
-            .into_iter()
-            .find(|role| role.name() == text)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Role::ALL.iter().map(|role| role.name()).collect();
-                format!("unknown role {text:?}; roles are {}", names.join(", "))
-            })
+        Role::ALL.into_iter().find(|role| role.name() == text).ok_or_else(|| {
+            let names: Vec<&str> = Role::ALL.iter().map(|role| role.name()).collect();
+            format!("unknown role {text:?}; roles are {}", names.join(", "))
+        })
     }
 }
 
@@ -186,7 +183,12 @@ impl ColumnNames {
 
     /// Checks this mapping and `template` against a table's columns: every named column
     /// exists, and value and key columns have types that can be published as bytes.
-    pub fn validate(&self, table: &str, columns: &[TableColumn], template: &super::TopicTemplate) -> Result<(), String> {
+    pub fn validate(
+        &self,
+        table: &str,
+        columns: &[TableColumn],
+        template: &super::TopicTemplate,
+    ) -> Result<(), String> {
         let find = |name: &str| columns.iter().find(|column| column.name == name);
         let missing = |name: &str, what: &str| {
             let mut names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
@@ -359,13 +361,20 @@ mod tests {
             .validate("public.outbox", &seeds_table(), &template("shop.{tenant}"))
             .err()
             .unwrap_or_default();
-        assert!(error.contains("\"tenant\"") && error.contains("topic template"), "{error}");
+        assert!(
+            error.contains("\"tenant\"") && error.contains("topic template"),
+            "{error}"
+        );
     }
 
     #[test]
     fn a_template_role_needs_a_mapped_column() {
         let error = seeds_mapping()
-            .validate("public.outbox", &seeds_table(), &template("outbox.event.{aggregate_type}"))
+            .validate(
+                "public.outbox",
+                &seeds_table(),
+                &template("outbox.event.{aggregate_type}"),
+            )
             .err()
             .unwrap_or_default();
         assert!(error.contains("{aggregate_type}"), "{error}");
@@ -380,7 +389,10 @@ mod tests {
             .with_column(Role::AggregateId, Some("doc".into()))
             .unwrap_or_else(|e| panic!("{e}"));
         let error = key.validate("t", &table, &template("x")).err().unwrap_or_default();
-        assert!(error.contains("\"doc\"") && error.contains("jsonb") && error.contains("key"), "{error}");
+        assert!(
+            error.contains("\"doc\"") && error.contains("jsonb") && error.contains("key"),
+            "{error}"
+        );
         let value = seeds_mapping()
             .with_column(Role::Payload, Some("placed_at".into()))
             .unwrap_or_else(|e| panic!("{e}"));

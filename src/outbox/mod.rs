@@ -736,7 +736,13 @@ mod tests {
         });
         let insert = row(
             9,
-            &[Some("42"), Some("OrderPlaced"), Some("plain text, not JSON"), Some("PENDING"), None],
+            &[
+                Some("42"),
+                Some("OrderPlaced"),
+                Some("plain text, not JSON"),
+                Some("PENDING"),
+                None,
+            ],
         );
         let event = mapper.map(&insert, POSITION).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(event.topic, "shop.OrderPlaced");
@@ -745,7 +751,11 @@ mod tests {
         assert_eq!(event.payload, Some(Bytes::from_static(b"plain text, not JSON")));
         assert_eq!(event.header("id"), Some(Some(&Bytes::from_static(b"42"))));
         assert_eq!(event.header("aggregate_type"), None);
-        assert_eq!(event.header("status"), None, "other columns are not headers unless named");
+        assert_eq!(
+            event.header("status"),
+            None,
+            "other columns are not headers unless named"
+        );
     }
 
     #[test]
@@ -786,8 +796,14 @@ mod tests {
         assert_eq!(event.header("x-tenant"), Some(Some(&Bytes::from_static(b"acme"))));
         assert_eq!(event.id, "0b5c");
         let null_topic = row(3, &[Some("0b5d"), Some("1001"), Some("Paid"), Some("\\x00"), None]);
-        let error = mapper.map(&null_topic, POSITION).err().unwrap_or_else(|| panic!("mapped"));
-        assert!(error.reason.contains("tenant") && error.reason.contains("topic"), "{error}");
+        let error = mapper
+            .map(&null_topic, POSITION)
+            .err()
+            .unwrap_or_else(|| panic!("mapped"));
+        assert!(
+            error.reason.contains("tenant") && error.reason.contains("topic"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -801,7 +817,15 @@ mod tests {
             panic!("relation did not decode");
         };
         mapper.relation(&relation);
-        let insert = insert(&[Some("ignored"), Some("order"), Some("o-1"), Some("E"), Some("{}"), None, None]);
+        let insert = insert(&[
+            Some("ignored"),
+            Some("order"),
+            Some("o-1"),
+            Some("E"),
+            Some("{}"),
+            None,
+            None,
+        ]);
         let event = mapper.map(&insert, POSITION).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(event.id, "1/A0:3");
     }

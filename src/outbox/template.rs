@@ -49,7 +49,9 @@ impl TopicTemplate {
                 .ok_or_else(|| error("a '{' is never closed".into()))?;
             let name = &rest[open + 1..open + close];
             if name.is_empty() || name.contains('{') {
-                return Err(error("a placeholder must name a column: {event_type}, {tenant}, ...".into()));
+                return Err(error(
+                    "a placeholder must name a column: {event_type}, {tenant}, ...".into(),
+                ));
             }
             segments.push(match Role::from_placeholder(name) {
                 Some(role) => Segment::Role(role),

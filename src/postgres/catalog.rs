@@ -77,7 +77,10 @@ pub fn quote_identifier(name: &str) -> String {
 
 /// The tables `publication` publishes, with the columns it sends (a column list, from
 /// PostgreSQL 15, narrows them; generated columns are not sent).
-pub async fn publication_tables(client: &Client, publication: &str) -> Result<Vec<PublishedTable>, tokio_postgres::Error> {
+pub async fn publication_tables(
+    client: &Client,
+    publication: &str,
+) -> Result<Vec<PublishedTable>, tokio_postgres::Error> {
     // attnames exists from PostgreSQL 15 on: read through jsonb so that 14 works too.
     let rows = client
         .query(

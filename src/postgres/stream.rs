@@ -16,7 +16,7 @@ use pgwire_replication::{FeedbackObserver, PgWireError, ReplicationClient, Repli
 use tokio::sync::Notify;
 
 use super::connection::{first_accepted, requires_tls, Database, INVALID_PASSWORD, REQUIRES_TLS_HINT};
-use super::pgoutput::{self, Begin, Commit, DecodeError, LogicalMessage, Message};
+use super::pgoutput::{self, Begin, Commit, DecodeError, Insert, LogicalMessage, Message};
 use super::tls::explain_certificate_failure;
 use crate::error::{io_class, sqlstate_class, Classify, ErrorClass};
 use crate::lsn::Lsn;
@@ -47,6 +47,23 @@ pub enum StreamEvent {
     Keepalive {
         wal_end: Lsn,
     },
+    /// A row read by SQL rather than from the WAL (a backfill), with its place in its
+    /// transaction: it keeps that place, and so its source position, on every run.
+    Row {
+        insert: Insert,
+        index: u32,
+    },
+}
+
+/// A slot just created, and the session that holds the snapshot it exported (valid until
+/// this is dropped).
+pub struct ExportedSnapshot {
+    /// The name to give `SET TRANSACTION SNAPSHOT`.
+    pub snapshot: String,
+    /// Where the slot starts: every transaction committed before it is in the snapshot,
+    /// every later one is streamed.
+    pub consistent_point: Lsn,
+    _session: ReplicationClient,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +121,16 @@ impl StreamError {
             message,
             class: ErrorClass::Fatal,
             sqlstate: None,
+        }
+    }
+
+    /// A failed SQL statement of a source that reads by SQL (a backfill), classified as
+    /// the connection classified it.
+    pub fn from_connect(error: super::connection::ConnectError, context: &str) -> Self {
+        StreamError::Failed {
+            message: format!("{context}: {}", error.message),
+            class: error.class,
+            sqlstate: error.sqlstate,
         }
     }
 
@@ -276,6 +303,47 @@ impl ReplicationStream {
             .map_err(|e| StreamError::from_pgwire(e, slot))
     }
 
+    /// Creates logical slot `slot` (pgoutput) on a replication session and keeps that
+    /// session open, so that the snapshot the slot exported stays importable: a
+    /// transaction that imports it (`SET TRANSACTION SNAPSHOT`) sees exactly the rows
+    /// committed before the slot's first streamed change. Failover-enabled when `failover`
+    /// (PostgreSQL 17+).
+    pub async fn create_slot_with_snapshot(
+        database: &Database,
+        server: usize,
+        slot: &str,
+        failover: bool,
+        major: u32,
+    ) -> Result<ExportedSnapshot, StreamError> {
+        let (mut client, _) = gated_session(database, server).await?;
+        // The parenthesized options exist from PostgreSQL 15; 14 has only the keyword.
+        let command = match (major >= 15, failover) {
+            (true, true) => {
+                format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)")
+            }
+            (true, false) => format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput (SNAPSHOT 'export')"),
+            (false, _) => format!("CREATE_REPLICATION_SLOT {slot} LOGICAL pgoutput EXPORT_SNAPSHOT"),
+        };
+        let rows = client
+            .simple_query(&command)
+            .await
+            .map_err(|e| StreamError::from_pgwire(e, slot))?;
+        let text = |index: usize| {
+            rows.first()
+                .and_then(|row| row.get(index).cloned().flatten())
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .ok_or_else(|| StreamError::fatal(format!("CREATE_REPLICATION_SLOT answered without column {index}")))
+        };
+        let consistent_point = text(1)?
+            .parse::<Lsn>()
+            .map_err(|e| StreamError::fatal(format!("CREATE_REPLICATION_SLOT answered a bad position: {e}")))?;
+        Ok(ExportedSnapshot {
+            snapshot: text(2)?,
+            consistent_point,
+            _session: client,
+        })
+    }
+
     /// The next event; `Ok(None)` when the server ended the stream.
     /// Cancel-safe: dropping the future loses no event.
     pub async fn next(&mut self) -> Result<Option<StreamEvent>, StreamError> {
@@ -389,6 +457,18 @@ fn no_attempt<T>() -> Result<T, StreamError> {
 /// A replication attempt refused because the server requires TLS (`sslmode=allow`).
 fn refused_plain(error: &StreamError) -> bool {
     requires_tls(&error.to_string())
+}
+
+impl crate::source::Confirm for ReplicationStream {
+    fn confirm(&self, lsn: Lsn) {
+        ReplicationStream::confirm(self, lsn);
+    }
+}
+
+impl crate::source::Source for ReplicationStream {
+    fn next(&mut self) -> impl std::future::Future<Output = Result<Option<StreamEvent>, StreamError>> + Send {
+        ReplicationStream::next(self)
+    }
 }
 
 #[cfg(test)]

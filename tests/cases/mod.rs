@@ -1,3 +1,4 @@
+mod adoption;
 mod check;
 mod cleanup;
 mod credentials;

@@ -120,6 +120,13 @@ impl TestDb {
         db
     }
 
+    /// A database of its own on the shared server with nothing in it: no outbox table,
+    /// publication or slot (for tests that bring their own table).
+    pub async fn empty(test: &str) -> TestDb {
+        let services = services();
+        Self::create(&services.url_for("postgres"), &services.bootstrap_servers, test).await
+    }
+
     /// As [`new`](Self::new), on a private server (for tests that restart or break it).
     pub async fn on(postgres: &devrig::Postgres, bootstrap_servers: &str, test: &str) -> TestDb {
         let db = Self::create(&postgres.url("postgres"), bootstrap_servers, test).await;
@@ -188,6 +195,7 @@ impl TestDb {
             .env("DATABASE_URL", &self.url)
             .env("KAFKA_BOOTSTRAP_SERVERS", &self.bootstrap_servers)
             .env("OUTBOX_RELAY_SLOT", &self.slot)
+            .env("OUTBOX_RELAY_PUBLICATION", &self.publication)
             .env("OUTBOX_RELAY_TOPIC_TEMPLATE", &self.topic_template)
             .env("OUTBOX_RELAY_DEAD_LETTER_TOPIC", format!("{}.dlq", self.name));
         command
