@@ -54,6 +54,8 @@ pub struct RelaySettings {
     pub shutdown_timeout: Duration,
     pub reconnect_backoff_max: Duration,
     pub retention: Option<Duration>,
+    /// Set for `replay`: the run's name, carried by every record.
+    pub replay_run: Option<String>,
 }
 
 impl RelaySettings {
@@ -98,6 +100,7 @@ impl RelaySettings {
             shutdown_timeout: publish.shutdown_timeout,
             reconnect_backoff_max: Duration::from_secs(30),
             retention: None,
+            replay_run: None,
         })
     }
 
@@ -301,7 +304,10 @@ impl Relay {
         shutdown: Shutdown,
     ) -> Relay {
         let source = settings.source();
-        let mapper = Mapper::new(settings.template.clone(), settings.columns.clone(), &source);
+        let mut mapper = Mapper::new(settings.template.clone(), settings.columns.clone(), &source);
+        if let Some(run) = &settings.replay_run {
+            mapper = mapper.replaying(run);
+        }
         let exactly_once = settings.delivery == Delivery::ExactlyOnce;
         let fence = Fence::new(producer.clone(), &settings.producer, source, exactly_once);
         Relay {

@@ -47,6 +47,10 @@ pub enum Command {
     /// publication, slot, Kafka, topics) and print a checklist with a fix for each
     /// failure; the exit code is 0 when `run` can start, 1 otherwise.
     Check(RunArgs),
+    /// Publish again rows still in the outbox table (after a consumer's bug, to a new
+    /// topic, ...), each with an `outbox.replay` header naming the run. Never touches the
+    /// slot; at-least-once.
+    Replay(ReplayArgs),
     /// Show the slot's lag in bytes and seconds and a verdict; the exit code is 0 healthy,
     /// 1 lagging, 2 at risk, 3 lost.
     Status(StatusArgs),
@@ -279,6 +283,49 @@ pub struct SetupArgs {
     /// column). Default: the id column.
     #[arg(long, env = "OUTBOX_RELAY_BACKFILL_ORDER", value_name = "COLUMN")]
     pub backfill_order: Option<String>,
+
+    #[command(flatten)]
+    pub publish: PublishArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub postgres: PostgresArgs,
+
+    /// Replay rows matching this SQL condition on the outbox table (`true` for all).
+    /// Runs as the configured role, only inside the replay's own query.
+    #[arg(long = "where", value_name = "WHERE")]
+    pub condition: Option<String>,
+
+    /// Replay rows whose --time-column is at or after this time (e.g. 2026-11-29T08:00:00Z).
+    #[arg(long, value_name = "TIMESTAMP")]
+    pub since: Option<String>,
+
+    /// Replay rows whose --time-column is before this time.
+    #[arg(long, value_name = "TIMESTAMP")]
+    pub until: Option<String>,
+
+    /// The column --since and --until compare.
+    #[arg(long, default_value = "created_at", value_name = "COLUMN")]
+    pub time_column: String,
+
+    /// Replay the row with this id (the id column's value). Repeatable.
+    #[arg(long = "id", value_name = "ID")]
+    pub ids: Vec<String>,
+
+    /// Order of the replayed rows (ties broken by the id column). Default: the id column.
+    #[arg(long, value_name = "COLUMN")]
+    pub order_by: Option<String>,
+
+    /// Name of this replay, carried by every record's `outbox.replay` header. Default:
+    /// `replay-` and the start time.
+    #[arg(long, value_name = "NAME")]
+    pub run_name: Option<String>,
+
+    /// Print how many rows would be replayed and to which topics; publish nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 
     #[command(flatten)]
     pub publish: PublishArgs,

@@ -156,6 +156,9 @@ pub enum RelayError {
     /// A backfill that cannot start (another slot of that name, an unusable table).
     #[error("backfill: {0}")]
     Backfill(String),
+    /// A replay selected no row.
+    #[error("{0}")]
+    NothingToReplay(String),
     /// Stopped by a signal before the work was done; running the command again resumes.
     #[error("{0}")]
     Interrupted(String),
@@ -175,7 +178,8 @@ impl Classify for RelayError {
             | RelayError::Unreachable(_)
             | RelayError::Internal(_)
             | RelayError::SlotBusy { .. }
-            | RelayError::Backfill(_) => ErrorClass::Fatal,
+            | RelayError::Backfill(_)
+            | RelayError::NothingToReplay(_) => ErrorClass::Fatal,
             RelayError::Interrupted(_) => ErrorClass::Transient,
         }
     }

@@ -45,6 +45,8 @@ pub mod periodic;
 pub mod postgres;
 pub mod progress;
 pub mod readiness;
+pub mod replay;
+pub mod rows;
 pub mod setup;
 pub mod shutdown;
 pub mod source;

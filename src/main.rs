@@ -46,6 +46,16 @@ async fn execute(command: Command) -> Result<u8, RelayError> {
             }
             Ok(0)
         }
+        Command::Replay(args) => {
+            let (trigger, shutdown) = shutdown::channel();
+            let signals = tokio::spawn(forward_signals(trigger));
+            let result = outbox_relay::replay::replay(&args, shutdown).await;
+            signals.abort();
+            for line in result? {
+                println!("{line}");
+            }
+            Ok(0)
+        }
         Command::Status(args) => {
             let database = args.postgres.database()?;
             let limits = outbox_relay::status::Limits {

@@ -10,11 +10,9 @@
 //! the backfill is finished, so backfilled events reach every partition before streamed ones.
 
 pub mod manifest;
-pub mod reader;
 
-use std::io::IsTerminal;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio_postgres::Client;
 
@@ -23,22 +21,13 @@ use crate::config::SetupArgs;
 use crate::error::RelayError;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
-use crate::outbox::Role;
 use crate::postgres::catalog::{self, PublishedTable};
 use crate::postgres::connection::Database;
 use crate::postgres::slot;
-use crate::postgres::stream::ReplicationStream;
+use crate::postgres::stream::{ReplicationStream, StreamError};
+use crate::rows::{Batches, Plan, RowReader, BATCH};
 use crate::shutdown::Shutdown;
 use manifest::{Manifest, Record, State};
-use reader::BackfillReader;
-
-/// What a backfill reads: the table, its id and order columns, and the condition.
-struct Plan {
-    table: PublishedTable,
-    id_column: String,
-    order_column: String,
-    condition: String,
-}
 
 /// Runs `setup --backfill`: prepares (or resumes) the backfill and publishes it. Returns
 /// the lines of setup's report.
@@ -108,19 +97,21 @@ pub async fn backfill(
     let start = record.start_lsn.ok_or_else(|| {
         RelayError::Backfill(format!("the backfill record of slot {slot_name} has no start position"))
     })?;
-    let reading_client = database.connect_server(server).await?;
-    let mut reader = BackfillReader::start(
-        database.clone(),
-        reading_client,
-        manifest.clone(),
+    let listed = ListedRows::new(database, server, manifest.clone(), &plan).await?;
+    let mut reader = RowReader::start(
+        listed,
         plan.table.clone(),
-        plan.id_column.clone(),
         record.done_through,
         // Below the slot's start: every backfilled event sorts before every streamed one.
         Lsn(start.0.saturating_sub(1)),
     );
+    let counts = reader.counts();
     let metrics = Metrics::new();
-    let display = tokio::spawn(show_progress(Arc::clone(&metrics), record.rows - record.done_through));
+    let display = tokio::spawn(crate::rows::show_progress(
+        Arc::clone(&metrics),
+        record.rows - record.done_through,
+        "backfill",
+    ));
     let started = Instant::now();
     let outcome = crate::app::publish_source(
         settings,
@@ -132,9 +123,9 @@ pub async fn backfill(
     .await;
     display.abort();
     let _ = display.await;
-    let confirmed = reader.confirmed();
-    let gone = reader.rows_gone();
     drop(reader);
+    let confirmed = counts.confirmed();
+    let gone = counts.gone();
     let took = started.elapsed();
     let summary = format!(
         "{} published, {} already written by an earlier run, {} dead-lettered, {} deleted before they were read; {:.1} s",
@@ -176,6 +167,59 @@ pub async fn backfill(
     }
 }
 
+/// The manifest's listed rows, joined with the table, in batches.
+struct ListedRows {
+    database: Database,
+    client: Client,
+    manifest: Manifest,
+    statement: tokio_postgres::Statement,
+}
+
+impl ListedRows {
+    async fn new(database: &Database, server: usize, manifest: Manifest, plan: &Plan) -> Result<Self, RelayError> {
+        let client = database.connect_server(server).await?;
+        let sql_error = |e: tokio_postgres::Error| RelayError::Connect(database.connect_error(&e));
+        catalog::use_server_formats(&client).await.map_err(sql_error)?;
+        let statement = client
+            .prepare(&manifest.batch_query(&plan.table, &plan.id_column))
+            .await
+            .map_err(sql_error)?;
+        Ok(ListedRows {
+            database: database.clone(),
+            client,
+            manifest,
+            statement,
+        })
+    }
+
+    fn failed(&self, error: &tokio_postgres::Error) -> StreamError {
+        StreamError::from_connect(self.database.connect_error(error), "reading the rows to backfill")
+    }
+}
+
+impl Batches for ListedRows {
+    async fn next_batch(&mut self, after: i64) -> Result<Vec<(i64, tokio_postgres::Row)>, StreamError> {
+        let rows = self
+            .client
+            .query(&self.statement, &[&after, &BATCH])
+            .await
+            .map_err(|e| self.failed(&e))?;
+        Ok(rows.into_iter().map(|row| (row.get(0), row)).collect())
+    }
+
+    fn first_column(&self) -> usize {
+        1
+    }
+
+    /// Writes down how far publishing is confirmed, for the next run to start there.
+    async fn confirmed(&mut self, through: i64) -> Result<(), StreamError> {
+        self.manifest
+            .done_through(&self.client, through)
+            .await
+            .map_err(|e| self.failed(&e))
+    }
+}
+
 /// Why `run` must not stream from `slot` yet: a backfill of it (of `table`) is not
 /// finished, and streamed events would overtake backfilled ones.
 pub async fn unfinished(
@@ -199,70 +243,18 @@ async fn plan(
     condition: &str,
     client: &Client,
 ) -> Result<Plan, RelayError> {
-    let sql_error = |e: tokio_postgres::Error| RelayError::Connect(settings.database.connect_error(&e));
-    let mut tables = catalog::publication_tables(client, &settings.publication)
-        .await
-        .map_err(sql_error)?;
-    if tables.len() != 1 {
-        let names: Vec<String> = tables.iter().map(PublishedTable::display).collect();
-        return Err(RelayError::Backfill(format!(
-            "publication {} has {} tables ({}); a backfill reads exactly one: give the outbox table a publication of its own",
-            settings.publication,
-            tables.len(),
-            names.join(", ")
-        )));
-    }
-    let table = tables.remove(0);
-    settings
-        .columns
-        .validate(&table.display(), &table.columns, &settings.template)
-        .map_err(|problem| RelayError::Config(format!("mapping: {problem}")))?;
-    let id_column = settings.columns.column(Role::Id).map(str::to_owned).ok_or_else(|| {
-        RelayError::Backfill(
-            "the mapping has no id column (--column id=); a backfill finds its rows again by id: map the table's unique column with --column id=COLUMN".to_owned(),
-        )
-    })?;
-    let unique: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                             WHERE i.indrelid = $1 AND i.indisunique AND i.indnkeyatts = 1 AND i.indpred IS NULL
-                               AND a.attname = $2)",
-            &[&table.oid, &id_column],
-        )
-        .await
-        .map_err(sql_error)?
-        .get(0);
-    if !unique {
-        return Err(RelayError::Backfill(format!(
-            "column {id_column:?} of {} (the id) has no unique index; a backfill finds its rows again by id: add one (CREATE UNIQUE INDEX ON {} ({}))",
-            table.display(),
-            table.qualified(),
-            catalog::quote_identifier(&id_column)
-        )));
-    }
-    let order_column = args.backfill_order.clone().unwrap_or_else(|| id_column.clone());
-    if table.column(&order_column).is_none() {
-        return Err(RelayError::Config(format!(
-            "--backfill-order: table {} has no column {order_column:?}",
-            table.display()
-        )));
-    }
+    let plan = Plan::read(settings, args.backfill_order.as_deref(), condition, client, true).await?;
     // Refuse a condition PostgreSQL cannot plan before a slot exists.
-    let explain = format!("EXPLAIN SELECT 1 FROM {} t WHERE ({condition})", table.qualified());
+    let explain = format!("EXPLAIN SELECT 1 FROM {} t WHERE ({condition})", plan.table.qualified());
     if let Err(error) = client.query(&explain, &[]).await {
         let error = settings.database.connect_error(&error);
         return Err(RelayError::Config(format!(
             "--backfill {condition:?} is not a valid condition on {}: {}",
-            table.display(),
+            plan.table.display(),
             error.message
         )));
     }
-    Ok(Plan {
-        table,
-        id_column,
-        order_column,
-        condition: condition.to_owned(),
-    })
+    Ok(plan)
 }
 
 /// Creates the slot with an exported snapshot and lists the rows that snapshot sees.
@@ -315,46 +307,4 @@ async fn create(
         .await
         .map_err(sql_error)?
         .ok_or_else(|| RelayError::Backfill("the backfill record vanished".into()))
-}
-
-/// Shows how far the backfill is: a line rewritten every second on a terminal, a log
-/// line every 10 seconds otherwise.
-async fn show_progress(metrics: Arc<Metrics>, total: i64) {
-    let terminal = std::io::stderr().is_terminal();
-    let every = if terminal {
-        Duration::from_secs(1)
-    } else {
-        Duration::from_secs(10)
-    };
-    let started = Instant::now();
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    let _newline = NewlineOnDrop(terminal);
-    loop {
-        ticks.tick().await;
-        let done = metrics.events_published.get()
-            + metrics.events_skipped_already_written.get()
-            + metrics.events_dead_lettered.get();
-        let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
-        let percent = if total > 0 {
-            done as f64 * 100.0 / total as f64
-        } else {
-            100.0
-        };
-        if terminal {
-            eprint!("\rbackfill: {done} of {total} rows ({percent:.0}%), {rate:.0} rows/s   ");
-        } else {
-            tracing::info!(done, total, rows_per_second = rate as u64, "backfill progress");
-        }
-    }
-}
-
-/// Ends the progress line when the display stops.
-struct NewlineOnDrop(bool);
-
-impl Drop for NewlineOnDrop {
-    fn drop(&mut self) {
-        if self.0 {
-            eprintln!();
-        }
-    }
 }

@@ -24,6 +24,8 @@ pub const HEADER_AGGREGATE_TYPE: &str = "aggregate_type";
 pub const HEADER_COMMIT_LSN: &str = "outbox.commit_lsn";
 /// Header carrying the row's index (from 0) among the events of its transaction.
 pub const HEADER_TX_INDEX: &str = "outbox.tx_index";
+/// Header marking a record as a replay (`outbox-relay replay`), with the run's name.
+pub const HEADER_REPLAY: &str = "outbox.replay";
 /// Header naming where the event came from (`<database>/<slot>`), so that exactly-once
 /// publishing only compares positions from the same source.
 pub const HEADER_SOURCE: &str = "outbox.source";
@@ -117,6 +119,8 @@ pub struct Mapper {
     template: TopicTemplate,
     names: ColumnNames,
     source: Bytes,
+    /// The replay run's name: records say so instead of carrying source positions.
+    replay: Option<Bytes>,
     /// Keyed by table OID; an `Err` says which column the table lacks.
     layouts: HashMap<u32, Result<Layout, String>>,
 }
@@ -128,8 +132,22 @@ impl Mapper {
             template,
             names,
             source: Bytes::copy_from_slice(source.as_bytes()),
+            replay: None,
             layouts: HashMap::new(),
         }
+    }
+
+    /// Records of a replay named `run`: an `outbox.replay` header instead of the source and
+    /// position headers, so that the exactly-once fence never takes a replayed record for
+    /// one of the stream's.
+    pub fn replaying(mut self, run: &str) -> Self {
+        self.replay = Some(Bytes::copy_from_slice(run.as_bytes()));
+        self
+    }
+
+    /// Checks `relation` as [`relation`](Self::relation) would read it.
+    pub fn check_relation(&self, relation: &Relation) -> Result<(), String> {
+        self.layout(relation).map(|_| ())
     }
 
     /// Learns (or relearns, after a schema change) a table's column positions.
@@ -422,6 +440,10 @@ impl Mapper {
                 HEADER_AGGREGATE_TYPE.into(),
                 Some(Bytes::copy_from_slice(aggregate_type.as_bytes())),
             ));
+        }
+        if let Some(run) = &self.replay {
+            headers.push((HEADER_REPLAY.into(), Some(run.clone())));
+            return;
         }
         headers.push((
             HEADER_COMMIT_LSN.into(),
