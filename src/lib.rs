@@ -9,13 +9,16 @@
 //!   connection alike; [`postgres::tls`] puts both on rustls.
 //! - [`postgres::stream`]: the walsender stream of the slot (replication protocol).
 //! - [`postgres::pgoutput`]: decodes each `pgoutput` message.
-//! - [`outbox`]: turns an inserted outbox row into a Kafka record; [`debezium_values`]
+//! - [`outbox`]: turns an inserted outbox row into a Kafka record, by a column mapping
+//!   ([`outbox::columns`]) and a topic template ([`outbox::template`]); [`debezium_values`]
 //!   writes column values in headers as Debezium does, under `--preset debezium`.
 //! - [`kafka`]: the idempotent producer, its error classes, the partition fence that makes
 //!   publishing exactly-once across restarts, the pipeline of deliveries.
 //! - [`dead_letter`]: the record for an event that can never be published.
 //! - [`progress`]: the only place that decides which LSN to confirm; monotonic.
-//! - [`app`]: wires them into one loop, and reconnects when PostgreSQL goes away.
+//! - [`app`]: wires them into one loop, and reconnects when PostgreSQL goes away. The loop
+//!   reads a [`source::Source`]: the walsender stream, or rows read by SQL ([`rows`]) for a
+//!   [`backfill`] (`setup --backfill`, the rows a new slot will not stream) or a [`replay`].
 //!
 //! Around them: [`config`] (every setting), [`config_file`] (`--config relay.toml`), [`setup`] (slot and SQL), [`check`] (preconditions as a checklist), [`status`] (lag and
 //! verdict), [`postgres::slot`]
@@ -23,7 +26,8 @@
 //! [`monitor`] (heartbeat that keeps an idle slot moving; samples slot and broker),
 //! [`cleanup`] (deletes published rows after `--retention`), both run by [`periodic`],
 //! [`metrics`], [`readiness`] and [`http`] (Prometheus, health and readiness), [`lsn`]
-//! (WAL positions), [`clock`] (Unix and PostgreSQL time).
+//! (WAL positions), [`clock`] (Unix and PostgreSQL time), [`postgres::catalog`] (the
+//! publication's tables and columns, rows read by SQL as the stream carries them).
 
 pub mod app;
 pub mod backfill;
