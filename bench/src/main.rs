@@ -14,6 +14,7 @@
 
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
+mod backfill;
 mod broker;
 mod debezium;
 mod drain;
@@ -74,6 +75,8 @@ enum Scenario {
     Broker,
     /// Fixed insert rates: latency and CPU.
     Steady,
+    /// Rows already in the table published by `setup --backfill`.
+    Backfill,
 }
 
 impl Scenario {
@@ -85,6 +88,7 @@ impl Scenario {
             Scenario::Tls => "tls",
             Scenario::Broker => "broker",
             Scenario::Steady => "steady",
+            Scenario::Backfill => "backfill",
         }
     }
 }
@@ -166,6 +170,9 @@ async fn main() {
         let baseline = broker::produce(&bootstrap, &topic, events, broker_pid).await;
         println!("broker alone: {}", baseline.markdown());
         results.broker = Some(baseline);
+    }
+    if wanted("backfill") {
+        results.backfill = Some(backfill::backfill(events, &admin_url, &bootstrap).await);
     }
     if wanted("steady") {
         let publishers = [

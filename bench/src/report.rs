@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use crate::{broker, drain, probe, steady, tls};
+use crate::{backfill, broker, drain, probe, steady, tls};
 
 #[derive(Default)]
 pub struct Results {
@@ -14,6 +14,7 @@ pub struct Results {
     pub broker: Option<broker::Baseline>,
     pub steady: Vec<steady::Steady>,
     pub tls: Option<tls::Row>,
+    pub backfill: Option<backfill::Row>,
 }
 
 impl Results {
@@ -38,6 +39,13 @@ impl Results {
             table.push_str(&format!(
                 "\nThe relay over TLS (verify-full) and plain text, one backlog:\n\n{}\n{}\n",
                 tls::HEADER,
+                row.markdown()
+            ));
+        }
+        if let Some(row) = &self.backfill {
+            table.push_str(&format!(
+                "\nBackfill at cutover (`setup --backfill true`, rows written as in b):\n\n{}\n{}\n",
+                backfill::HEADER,
                 row.markdown()
             ));
         }
