@@ -60,7 +60,10 @@ pub async fn backfill(events: u64, admin_url: &str, bootstrap: &str) -> Row {
         .args(["setup", "--backfill", "true", "--slot", &slot])
         .env("DATABASE_URL", &url)
         .env("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
-        .env("OUTBOX_RELAY_TOPIC_TEMPLATE", format!("bench{run}backfill.{{aggregate_type}}"))
+        .env(
+            "OUTBOX_RELAY_TOPIC_TEMPLATE",
+            format!("bench{run}backfill.{{aggregate_type}}"),
+        )
         .env("OUTBOX_RELAY_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

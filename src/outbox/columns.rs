@@ -240,7 +240,7 @@ impl ColumnNames {
                     find(name).ok_or_else(|| missing(name, &format!("mapped as {role}")))?;
                 }
                 super::template::Segment::Column(name) => {
-                    find(name).ok_or_else(|| missing(name, "named in the topic template"))?;
+                    find(name).ok_or_else(|| missing(name, &format!("named in the topic template as {{{name}}}")))?;
                 }
                 super::template::Segment::Literal(_) => {}
             }
