@@ -527,6 +527,17 @@ async fn replay_publishes_exactly_the_rows_asked_for() {
     let own = read(&db, &[format!("{}.shop.OrderPlaced", db.name)], 2);
     assert_eq!(own.len(), 2);
 
+    // --since and --until compare created_at.
+    let window = replay(&[
+        "--since",
+        "2000-01-01T00:00:00Z",
+        "--until",
+        "2100-01-01T00:00:00Z",
+        "--dry-run",
+    ]);
+    let window = stdout_of_success(&window, "a time window");
+    assert!(window.contains("100 rows"), "{window}");
+
     // Gone rows and bad SQL are clear errors.
     db.client
         .batch_execute("DELETE FROM outbox WHERE id > 90")
