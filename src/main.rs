@@ -37,24 +37,10 @@ fn main() -> ExitCode {
 async fn execute(command: Command) -> Result<u8, RelayError> {
     match command {
         Command::Setup(args) => {
-            let (trigger, shutdown) = shutdown::channel();
-            let signals = tokio::spawn(forward_signals(trigger));
-            let result = outbox_relay::setup::setup(&args, shutdown).await;
-            signals.abort();
-            for line in result? {
-                println!("{line}");
-            }
-            Ok(0)
+            reporting(|shutdown| async move { outbox_relay::setup::setup(&args, shutdown).await }).await
         }
         Command::Replay(args) => {
-            let (trigger, shutdown) = shutdown::channel();
-            let signals = tokio::spawn(forward_signals(trigger));
-            let result = outbox_relay::replay::replay(&args, shutdown).await;
-            signals.abort();
-            for line in result? {
-                println!("{line}");
-            }
-            Ok(0)
+            reporting(|shutdown| async move { outbox_relay::replay::replay(&args, shutdown).await }).await
         }
         Command::Status(args) => {
             let database = args.postgres.database()?;
@@ -93,6 +79,23 @@ async fn execute(command: Command) -> Result<u8, RelayError> {
             result.map(|()| 0)
         }
     }
+}
+
+/// Runs a command that reports what it did line by line and stops early (resumable) on
+/// SIGINT or SIGTERM: setup (a backfill) and replay.
+async fn reporting<F, Fut>(work: F) -> Result<u8, RelayError>
+where
+    F: FnOnce(shutdown::Shutdown) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<String>, RelayError>>,
+{
+    let (trigger, shutdown) = shutdown::channel();
+    let signals = tokio::spawn(forward_signals(trigger));
+    let result = work(shutdown).await;
+    signals.abort();
+    for line in result? {
+        println!("{line}");
+    }
+    Ok(0)
 }
 
 /// Turns the first SIGINT or SIGTERM into the shutdown signal.
