@@ -209,6 +209,10 @@ pub async fn publish_source<S: Source>(
                 "events still unacknowledged at exit; they will be sent again"
             );
         }
+        // What the drain acknowledged is confirmed too, so a resumed run starts after it.
+        if let Some(progress) = &relay.progress {
+            source.confirm(progress.confirmed());
+        }
     }
     outcome
 }

@@ -40,6 +40,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Create the logical replication slot (and, with --apply-sql, the outbox table and
     /// publication). Safe to run again: it reports what exists and creates what is missing.
+    /// With --backfill WHERE, also publish the rows already in the table (taking over from a
+    /// poller); interrupted, the same command resumes.
     Setup(SetupArgs),
     /// Stream outbox events to Kafka until SIGINT or SIGTERM.
     Run(RunArgs),

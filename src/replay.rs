@@ -54,9 +54,8 @@ pub async fn replay(args: &ReplayArgs, shutdown: Shutdown) -> Result<Vec<String>
     let database = settings.database.clone();
     let connected = database.open().await?;
     let client = connected.client;
-    let mut plan = Plan::read(&settings, args.order_by.as_deref(), "", &client, false).await?;
+    let plan = Plan::read(&settings, args.order_by.as_deref(), &client, false).await?;
     let selection = selection(args, &plan)?;
-    plan.condition = selection.condition.clone();
     let count_sql = format!(
         "SELECT count(*) FROM {} t WHERE {}",
         plan.table.qualified(),

@@ -49,7 +49,6 @@ pub trait Batches: Send + Sync + 'static {
 pub struct Counts {
     confirmed: AtomicU64,
     gone: AtomicU64,
-    read: AtomicU64,
 }
 
 impl Counts {
@@ -61,11 +60,6 @@ impl Counts {
     /// Numbered rows missing when their batch was read (deleted meanwhile).
     pub fn gone(&self) -> u64 {
         self.gone.load(Ordering::Relaxed)
-    }
-
-    /// Rows read so far.
-    pub fn read(&self) -> u64 {
-        self.read.load(Ordering::Relaxed)
     }
 }
 
@@ -147,9 +141,10 @@ impl<B: Batches> Reading<B> {
                 return Ok(());
             };
             // Numbers have no gaps: a missing one is a deleted row.
-            let missing = (last - after) as u64 - rows.len() as u64;
-            self.counts.gone.fetch_add(missing, Ordering::Relaxed);
-            self.counts.read.fetch_add(rows.len() as u64, Ordering::Relaxed);
+            let missing = (last - after).max(0) as u64;
+            self.counts
+                .gone
+                .fetch_add(missing.saturating_sub(rows.len() as u64), Ordering::Relaxed);
             let commit_time = crate::clock::now_micros() - crate::clock::POSTGRES_EPOCH_MICROS;
             let begin = Begin {
                 final_lsn: self.position,
@@ -229,13 +224,11 @@ impl Drop for NewlineOnDrop {
     }
 }
 
-/// What a backfill or replay reads: the publication's one table, its id and order
-/// columns, and the condition.
+/// What a backfill or replay reads: the publication's one table, its id and order columns.
 pub struct Plan {
     pub table: PublishedTable,
     pub id_column: String,
     pub order_column: String,
-    pub condition: String,
 }
 
 impl Plan {
@@ -244,7 +237,6 @@ impl Plan {
     pub async fn read(
         settings: &RelaySettings,
         order_column: Option<&str>,
-        condition: &str,
         client: &Client,
         unique_id: bool,
     ) -> Result<Plan, RelayError> {
@@ -300,7 +292,6 @@ impl Plan {
             table,
             id_column,
             order_column,
-            condition: condition.to_owned(),
         })
     }
 }

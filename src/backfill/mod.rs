@@ -45,7 +45,8 @@ pub async fn backfill(
     let manifest = Manifest::new(&plan.table, &settings.slot);
     let mut report = Vec::new();
 
-    let slot_name = &settings.slot.clone();
+    let slot_name = settings.slot.clone();
+    let slot_name = &slot_name;
     let existing = slot::inspect(&client, slot_name).await.map_err(sql_error)?;
     let record = manifest.read(&client).await.map_err(sql_error)?;
     let record = match (existing, record) {
@@ -58,7 +59,7 @@ pub async fn backfill(
         }
         (Some(info), Some(record)) if record.state == State::Ready => {
             slot::check(Some(info), slot_name, database.dbname())?;
-            if record.condition != plan.condition || record.table != plan.table.display() {
+            if record.condition != condition || record.table != plan.table.display() {
                 return Err(RelayError::Backfill(format!(
                     "slot {slot_name} has an unfinished backfill of {} where {}; run setup with that --backfill to finish it (or drop the slot and the table {} to start another)",
                     record.table,
@@ -83,7 +84,9 @@ pub async fn backfill(
             report.push(format!(
                 "dropped slot {slot_name}, left by a backfill interrupted before it listed its rows; starting over"
             ));
-            create(args, &plan, &manifest, database, &mut client, server, &mut report).await?
+            let (record, line) = create(args, &plan, condition, &manifest, database, &mut client, server).await?;
+            report.push(line);
+            record
         }
         (Some(info), None) => {
             return Err(RelayError::Backfill(format!(
@@ -91,7 +94,11 @@ pub async fn backfill(
                 info.confirmed_flush_lsn.unwrap_or_default()
             )));
         }
-        (None, _) => create(args, &plan, &manifest, database, &mut client, server, &mut report).await?,
+        (None, _) => {
+            let (record, line) = create(args, &plan, condition, &manifest, database, &mut client, server).await?;
+            report.push(line);
+            record
+        }
     };
 
     let start = record.start_lsn.ok_or_else(|| {
@@ -140,7 +147,7 @@ pub async fn backfill(
             manifest.finish(&mut client, confirmed).await.map_err(sql_error)?;
             report.push(format!(
                 "backfilled {} rows where {}: {summary}",
-                record.rows, plan.condition
+                record.rows, condition
             ));
             report.push(format!(
                 "slot {slot_name} is ready: `outbox-relay run` streams everything committed since {start}"
@@ -243,7 +250,7 @@ async fn plan(
     condition: &str,
     client: &Client,
 ) -> Result<Plan, RelayError> {
-    let plan = Plan::read(settings, args.backfill_order.as_deref(), condition, client, true).await?;
+    let plan = Plan::read(settings, args.backfill_order.as_deref(), client, true).await?;
     // Refuse a condition PostgreSQL cannot plan before a slot exists.
     let explain = format!("EXPLAIN SELECT 1 FROM {} t WHERE ({condition})", plan.table.qualified());
     if let Err(error) = client.query(&explain, &[]).await {
@@ -258,20 +265,21 @@ async fn plan(
 }
 
 /// Creates the slot with an exported snapshot and lists the rows that snapshot sees.
+/// Returns the backfill's record and a line for the report.
 async fn create(
     args: &SetupArgs,
     plan: &Plan,
+    condition: &str,
     manifest: &Manifest,
     database: &Database,
     client: &mut Client,
     server: usize,
-    report: &mut Vec<String>,
-) -> Result<Record, RelayError> {
+) -> Result<(Record, String), RelayError> {
     let sql_error = |e: tokio_postgres::Error| RelayError::Connect(database.connect_error(&e));
     let slot_name = &args.postgres.slot;
     let major = slot::server_major(client).await.map_err(sql_error)?;
     manifest
-        .begin(client, &plan.table, &plan.id_column, &plan.condition)
+        .begin(client, &plan.table, &plan.id_column, condition)
         .await
         .map_err(|e| {
             let error = database.connect_error(&e);
@@ -290,21 +298,24 @@ async fn create(
             &plan.table,
             &plan.id_column,
             &plan.order_column,
-            &plan.condition,
+            condition,
         )
         .await
         .map_err(sql_error)?;
     let start = exported.consistent_point;
     drop(exported);
-    report.push(format!(
-        "created slot {slot_name} (pgoutput{}) at {start}; {listed} rows of {} where {} existed then",
+    let line = format!(
+        "created slot {slot_name} (pgoutput{}) at {start}; {listed} rows of {} where {condition} existed then",
         if failover { ", failover-enabled" } else { "" },
         plan.table.display(),
-        plan.condition
-    ));
-    manifest
-        .read(client)
-        .await
-        .map_err(sql_error)?
-        .ok_or_else(|| RelayError::Backfill("the backfill record vanished".into()))
+    );
+    let record = Record {
+        state: State::Ready,
+        table: plan.table.display(),
+        condition: condition.to_owned(),
+        start_lsn: Some(start),
+        rows: listed,
+        done_through: 0,
+    };
+    Ok((record, line))
 }

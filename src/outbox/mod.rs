@@ -145,11 +145,6 @@ impl Mapper {
         self
     }
 
-    /// Checks `relation` as [`relation`](Self::relation) would read it.
-    pub fn check_relation(&self, relation: &Relation) -> Result<(), String> {
-        self.layout(relation).map(|_| ())
-    }
-
     /// Learns (or relearns, after a schema change) a table's column positions.
     pub fn relation(&mut self, relation: &Relation) {
         let layout = self.layout(relation);

@@ -151,7 +151,7 @@ pub async fn use_server_formats(client: &Client) -> Result<(), tokio_postgres::E
         .await
 }
 
-/// The newest row of `table` (by ctid order's end, cheaply), for `check` to show.
+/// Some row of `table` (whichever a plain scan meets first), for `check` to show.
 pub async fn sample_row(client: &Client, table: &PublishedTable) -> Result<Option<Insert>, tokio_postgres::Error> {
     let sql = format!(
         "SELECT {} FROM {} LIMIT 1",

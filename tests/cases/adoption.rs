@@ -164,6 +164,37 @@ async fn the_seeds_table_is_taken_over_with_every_pending_row_published_once() {
         "killed halfway: {done} of {rows} confirmed"
     );
     let (_, _, done_at_kill) = backfill_state(&db).await.unwrap_or_default();
+    // The manifest never passes an unacknowledged row: every row it counts as done is in Kafka.
+    let mut at_kill = Consumer::new(&db.bootstrap_servers, &topics_of(&db));
+    at_kill.read_until_quiet(Duration::from_secs(2));
+    let in_kafka: std::collections::HashSet<String> = at_kill.records.iter().map(Record::id).collect();
+    let done_ids: Vec<String> = db
+        .client
+        .query(
+            &format!(
+                "SELECT id::text FROM outbox_relay_backfill_{} WHERE ordinal <= $1",
+                db.slot
+            ),
+            &[&done_at_kill],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(done_ids.len() as i64, done_at_kill);
+    let not_in_kafka = done_ids.iter().filter(|id| !in_kafka.contains(*id)).count();
+    assert_eq!(not_in_kafka, 0, "rows counted as done but not in Kafka");
+    // Move the manifest back by half: those rows are in Kafka, so the resumed run must
+    // skip them by the exactly-once fence, not by the manifest.
+    let rewound = done_at_kill / 2;
+    db.client
+        .execute(
+            "UPDATE outbox_relay_backfill SET done_through = $2 WHERE slot = $1",
+            &[&db.slot, &rewound],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     // Streaming now would let new events overtake backfilled ones: run refuses.
     let refused = seeds_command(&db, "run").output().unwrap_or_else(|e| panic!("{e}"));
     let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -178,6 +209,17 @@ async fn the_seeds_table_is_taken_over_with_every_pending_row_published_once() {
     let report = stdout_of_success(&output, "the resumed backfill");
     assert!(report.contains("resuming the backfill"), "{report}");
     eprintln!("adopt_seeds: resumed backfill said:\n{report}");
+    let skipped: i64 = report
+        .split(" already written")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of rows already written in: {report}"));
+    assert!(
+        skipped >= done_at_kill - rewound,
+        "the fence skipped {skipped} rows, fewer than the {} known to be in Kafka",
+        done_at_kill - rewound
+    );
     assert_eq!(backfill_state(&db).await.map(|s| s.0), Some("finished".to_owned()));
 
     // Then run streams what was committed since the slot was created.
