@@ -131,16 +131,13 @@ impl ColumnNames {
     /// `type`, `payload`), with any further columns as headers.
     pub fn debezium() -> Self {
         ColumnNames {
-            id: Some("id".into()),
             aggregate_type: Some("aggregatetype".into()),
             aggregate_id: Some("aggregateid".into()),
             event_type: Some("type".into()),
-            payload: "payload".into(),
-            headers: Some("headers".into()),
-            header_columns: Vec::new(),
             extra_columns_as_headers: true,
             debezium_values: true,
             null_payload_is_tombstone: true,
+            ..ColumnNames::default()
         }
     }
 
