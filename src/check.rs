@@ -7,14 +7,11 @@
 //! broker with `auto.create.topics.enable` create the dead-letter topic).
 
 use std::fmt::Write as _;
-use std::time::Duration;
 
-use rdkafka::producer::Producer as _;
 use tokio_postgres::Client;
 
 use crate::app::RelaySettings;
 use crate::config::RunArgs;
-use crate::kafka::Producer;
 use crate::outbox::{Mapper, OutboxEvent, SourcePosition};
 use crate::postgres::failover;
 use crate::postgres::slot::{self, SlotProblem};
@@ -39,7 +36,7 @@ pub struct Item {
 }
 
 impl Item {
-    fn pass(what: impl Into<String>) -> Self {
+    pub(crate) fn pass(what: impl Into<String>) -> Self {
         Item {
             outcome: Outcome::Pass,
             what: what.into(),
@@ -47,7 +44,7 @@ impl Item {
         }
     }
 
-    fn fail(what: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub(crate) fn fail(what: impl Into<String>, fix: impl Into<String>) -> Self {
         Item {
             outcome: Outcome::Fail,
             what: what.into(),
@@ -63,7 +60,7 @@ impl Item {
         }
     }
 
-    fn skip(what: impl Into<String>) -> Self {
+    pub(crate) fn skip(what: impl Into<String>) -> Self {
         Item {
             outcome: Outcome::Skip,
             ..Item::pass(what)
@@ -126,7 +123,8 @@ pub async fn check(args: &RunArgs) -> Report {
         }
     };
     postgres_checks(&settings, &mut report).await;
-    kafka_checks(&settings, &mut report).await;
+    let broker = crate::sink::check(&settings.sink, &settings.dead_letter_topic).await;
+    report.items.extend(broker);
     report
 }
 
@@ -489,70 +487,6 @@ async fn retention(settings: &RelaySettings, client: &Client) -> Result<Vec<Item
             }
         })
         .collect())
-}
-
-/// Kafka: the client settings, the bootstrap servers and the dead-letter topic.
-async fn kafka_checks(settings: &RelaySettings, report: &mut Report) {
-    let producer = match Producer::new(&settings.producer) {
-        Ok(producer) => producer,
-        Err(error) => {
-            report.items.push(Item::fail(
-                format!("Kafka client settings: {error}"),
-                "correct the --kafka-property named above",
-            ));
-            return;
-        }
-    };
-    let servers = settings.producer.bootstrap_servers.clone();
-    let topic = settings.dead_letter_topic.clone();
-    let answer = tokio::task::spawn_blocking(move || {
-        let client = producer.inner().client();
-        let brokers = client
-            .fetch_metadata(None, Duration::from_secs(10))
-            .map(|metadata| metadata.brokers().len());
-        let topic = brokers.is_ok().then(|| {
-            client
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .map_err(|e| e.to_string())
-                .and_then(|metadata| match metadata.topics().first() {
-                    Some(found) if found.error().is_none() => Ok(found.partitions().len()),
-                    Some(found) => Err(format!("{:?}", found.error())),
-                    None => Err("no metadata".to_owned()),
-                })
-        });
-        (brokers, topic)
-    })
-    .await;
-    let Ok((brokers, topic_answer)) = answer else {
-        report
-            .items
-            .push(Item::fail("Kafka: the check itself failed", "run it again"));
-        return;
-    };
-    match brokers {
-        Ok(count) => report
-            .items
-            .push(Item::pass(format!("Kafka reachable at {servers} ({count} broker(s))"))),
-        Err(error) => {
-            report.items.push(Item::fail(
-                format!("Kafka at {servers} did not answer: {error}"),
-                "check --bootstrap-servers (KAFKA_BOOTSTRAP_SERVERS), the network, and TLS/SASL settings (--kafka-property)",
-            ));
-            report.items.push(Item::skip("topics (no broker)"));
-            return;
-        }
-    }
-    let topic = &settings.dead_letter_topic;
-    match topic_answer {
-        Some(Ok(partitions)) => report.items.push(Item::pass(format!(
-            "topic {topic} exists or was created on demand ({partitions} partition(s)); event topics are created the same way"
-        ))),
-        Some(Err(error)) => report.items.push(Item::fail(
-            format!("topic {topic} does not exist and was not created: {error}"),
-            "create the dead-letter topic and the topics of --topic-template, or enable auto.create.topics.enable; the principal needs Describe and Write on them",
-        )),
-        None => {}
-    }
 }
 
 #[cfg(test)]

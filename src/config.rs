@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::outbox::{ColumnNames, HeaderColumn, Role, TopicTemplate};
+use crate::sink::{SinkKind, SinkSettings};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -121,6 +122,30 @@ pub struct KafkaArgs {
     pub kafka_properties: Vec<(String, String)>,
 }
 
+/// Where RabbitMQ is (with `--sink rabbitmq`).
+#[derive(Clone, Args)]
+pub struct AmqpArgs {
+    /// RabbitMQ URL, amqp://user:password@host:5672/vhost (`%2f` is the vhost /; amqps://
+    /// for TLS). Needed with --sink rabbitmq.
+    #[arg(long, env = "AMQP_URL")]
+    pub amqp_url: Option<String>,
+
+    /// The durable topic exchange events are published to, with the topic template as
+    /// routing key (`setup` declares it).
+    #[arg(long, env = "OUTBOX_RELAY_AMQP_EXCHANGE", default_value = "outbox")]
+    pub amqp_exchange: String,
+}
+
+/// The URL may hold a password: never print it.
+impl std::fmt::Debug for AmqpArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpArgs")
+            .field("amqp_url", &self.amqp_url.as_ref().map(|_| "<redacted>"))
+            .field("amqp_exchange", &self.amqp_exchange)
+            .finish()
+    }
+}
+
 /// How rows become records: which column plays which part, and the topic.
 #[derive(Debug, Clone, Args)]
 pub struct MappingArgs {
@@ -171,8 +196,15 @@ impl MappingArgs {
 /// What publishing needs, for `run` and `setup --backfill` alike.
 #[derive(Debug, Clone, Args)]
 pub struct PublishArgs {
+    /// The broker events are published to.
+    #[arg(long, env = "OUTBOX_RELAY_SINK", value_enum, default_value_t = SinkKind::Kafka)]
+    pub sink: SinkKind,
+
     #[command(flatten)]
     pub kafka: KafkaArgs,
+
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
 
     #[command(flatten)]
     pub mapping: MappingArgs,
@@ -198,6 +230,34 @@ pub struct PublishArgs {
     /// On SIGINT/SIGTERM, how long to wait for acknowledgements of events in flight.
     #[arg(long, env = "OUTBOX_RELAY_SHUTDOWN_TIMEOUT", default_value = "8s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+}
+
+impl PublishArgs {
+    /// The chosen sink's settings, or which setting it lacks.
+    pub fn sink_settings(&self) -> Result<SinkSettings, crate::error::RelayError> {
+        let config = crate::error::RelayError::Config;
+        match self.sink {
+            SinkKind::Kafka => {
+                let bootstrap_servers = self.kafka.bootstrap_servers.clone().ok_or_else(|| {
+                    config("no Kafka to publish to: set KAFKA_BOOTSTRAP_SERVERS (or --bootstrap-servers)".into())
+                })?;
+                Ok(SinkSettings::Kafka(crate::sink::kafka::ProducerSettings {
+                    bootstrap_servers,
+                    properties: self.kafka.kafka_properties.clone(),
+                }))
+            }
+            SinkKind::Rabbitmq => {
+                let url = self.amqp.amqp_url.as_deref().ok_or_else(|| {
+                    config("no RabbitMQ to publish to: set AMQP_URL (or --amqp-url) with --sink rabbitmq".into())
+                })?;
+                let url = crate::sink::rabbitmq::AmqpUrl::parse(url).map_err(|e| config(format!("--amqp-url: {e}")))?;
+                Ok(SinkSettings::Rabbitmq(crate::sink::rabbitmq::AmqpSettings {
+                    url,
+                    exchange: self.amqp.amqp_exchange.clone(),
+                }))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

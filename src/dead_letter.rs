@@ -6,13 +6,13 @@
 //! `outbox.commit_lsn`, `outbox.tx_index` and `outbox.source`.
 
 use bytes::Bytes;
-use rdkafka::message::{Headers, Message, OwnedMessage};
 
 use crate::error::ErrorClass;
 use crate::error::RelayError;
 use crate::outbox::{
     MappingError, OutboxEvent, SourcePosition, HEADER_COMMIT_LSN, HEADER_ID, HEADER_SOURCE, HEADER_TX_INDEX,
 };
+use crate::sink::Returned;
 
 /// Header with the reason the event could not be published.
 pub const HEADER_ERROR: &str = "outbox.error";
@@ -21,7 +21,7 @@ pub const HEADER_ERROR_CLASS: &str = "outbox.error_class";
 /// Header with the topic the event was meant for, when it could be formed.
 pub const HEADER_ORIGINAL_TOPIC: &str = "outbox.original_topic";
 /// Header with the size of a payload left out because the record was too large for
-/// Kafka; the row itself stays in the outbox table under its id.
+/// the broker; the row itself stays in the outbox table under its id.
 pub const HEADER_PAYLOAD_OMITTED: &str = "outbox.payload_omitted_bytes";
 
 /// An event on its way to the dead-letter topic.
@@ -52,7 +52,7 @@ impl DeadLetter {
         }
     }
 
-    /// A record Kafka refused for good before it was queued (or its route failed).
+    /// A record the broker refused for good before it was sent (or its route failed).
     pub fn from_event(event: &OutboxEvent, class: ErrorClass, reason: String) -> Self {
         DeadLetter {
             id: Some(event.id.clone()),
@@ -66,36 +66,29 @@ impl DeadLetter {
         }
     }
 
-    /// A record Kafka refused for good after it was queued, as librdkafka returned it.
-    pub fn from_record(
-        record: Option<&OwnedMessage>,
+    /// A record the broker refused for good after it was sent, as the broker handed it
+    /// back (when it did).
+    pub fn from_returned(
+        returned: Option<Box<Returned>>,
         id: &str,
         position: SourcePosition,
         class: ErrorClass,
         reason: String,
     ) -> Self {
-        let bytes = |b: Option<&[u8]>| b.map(Bytes::copy_from_slice);
+        let returned = returned.map(|r| *r).unwrap_or_default();
         DeadLetter {
             id: Some(id.to_owned()),
             position,
-            original_topic: record.map(|r| r.topic().to_owned()),
-            key: record.and_then(|r| bytes(r.key())),
-            payload: record.and_then(|r| bytes(r.payload())),
-            headers: record
-                .and_then(|r| r.headers())
-                .map(|headers| {
-                    headers
-                        .iter()
-                        .map(|h| (h.key.to_owned().into(), h.value.map(Bytes::copy_from_slice)))
-                        .collect()
-                })
-                .unwrap_or_default(),
+            original_topic: returned.destination,
+            key: returned.key,
+            payload: returned.payload,
+            headers: returned.headers,
             class,
             reason,
         }
     }
 
-    /// Leaves the payload out (a record too large for Kafka stays too large in the
+    /// Leaves the payload out (a record too large for the broker stays too large in the
     /// dead-letter topic), saying how large it was.
     pub fn without_payload(mut self) -> Self {
         let size = self.payload.take().map_or(0, |p| p.len());
@@ -138,6 +131,7 @@ impl DeadLetter {
             id,
             headers,
             position: self.position,
+            content_type: None,
         }
     }
 

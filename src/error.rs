@@ -127,7 +127,7 @@ pub enum RelayError {
     Stream(#[from] StreamError),
     #[error(transparent)]
     Mapping(#[from] MappingError),
-    #[error("Kafka refused outbox event id={id} at commit LSN {commit_lsn} (index {index}) with a {} error: {reason}; nothing after it was confirmed", class.as_str())]
+    #[error("the broker refused outbox event id={id} at commit LSN {commit_lsn} (index {index}) with a {} error: {reason}; nothing after it was confirmed", class.as_str())]
     Delivery {
         id: String,
         commit_lsn: Lsn,
@@ -135,8 +135,8 @@ pub enum RelayError {
         class: ErrorClass,
         reason: String,
     },
-    /// Kafka could not be used for a while (a delivery failed, a topic's partitions could
-    /// not be read); the class says whether to retry.
+    /// The broker could not be used for a while (a delivery failed, a topic's partitions
+    /// could not be read, the connection was lost); the class says whether to retry.
     #[error("{context}: {source}")]
     Broker {
         context: String,

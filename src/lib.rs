@@ -1,5 +1,5 @@
 //! outbox-relay: publishes transactional-outbox rows from a PostgreSQL logical
-//! replication slot to Kafka, and confirms the slot's position only after the broker has
+//! replication slot to Kafka (or RabbitMQ), and confirms the slot's position only after the broker has
 //! acknowledged every event before it.
 //!
 //! The path of an event, module by module:
@@ -12,11 +12,15 @@
 //! - [`outbox`]: turns an inserted outbox row into a Kafka record, by a column mapping
 //!   ([`outbox::columns`]) and a topic template ([`outbox::template`]); [`debezium_values`]
 //!   writes column values in headers as Debezium does, under `--preset debezium`.
-//! - [`kafka`]: the idempotent producer, its error classes, the partition fence that makes
-//!   publishing exactly-once across restarts, the pipeline of deliveries.
+//! - [`publisher`]: hands mapped events to the sink, dead-letters what can never be
+//!   published, and notes what `progress` must hear.
+//! - [`sink`]: where events go, one boundary for every broker: [`sink::kafka`] (the
+//!   idempotent producer, its error classes, the partition fence that makes publishing
+//!   exactly-once across restarts, the pipeline of deliveries) and [`sink::rabbitmq`]
+//!   (a channel in confirm mode).
 //! - [`dead_letter`]: the record for an event that can never be published.
 //! - [`progress`]: the only place that decides which LSN to confirm; monotonic.
-//! - [`app`]: wires them into one loop, and reconnects when PostgreSQL goes away. The loop
+//! - [`app`]: wires them into one loop ([`app`]'s session loop), and reconnects when PostgreSQL goes away. The loop
 //!   reads a [`source::Source`]: the walsender stream, or rows read by SQL ([`rows`]) for a
 //!   [`backfill`] (`setup --backfill`, the rows a new slot will not stream) or a [`replay`].
 //!
@@ -40,7 +44,6 @@ pub mod dead_letter;
 pub mod debezium_values;
 pub mod error;
 pub mod http;
-pub mod kafka;
 pub mod lsn;
 pub mod metrics;
 pub mod monitor;
@@ -48,10 +51,12 @@ pub mod outbox;
 pub mod periodic;
 pub mod postgres;
 pub mod progress;
+pub mod publisher;
 pub mod readiness;
 pub mod replay;
 pub mod rows;
 pub mod setup;
 pub mod shutdown;
+pub mod sink;
 pub mod source;
 pub mod status;

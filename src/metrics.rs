@@ -14,6 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::sink::SinkKind;
+
 type Labels = Vec<(String, String)>;
 
 pub struct Metrics {
@@ -42,7 +44,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Self> {
+    /// Metrics of a relay publishing to `sink`: the broker-facing ones carry the label
+    /// `sink="<kind>"`, so dashboards and alerts can tell relays of different brokers apart.
+    pub fn new(sink: SinkKind) -> Arc<Self> {
         let mut registry = Registry::with_prefix("outbox_relay");
         let metrics = Metrics {
             events_published: Counter::default(),
@@ -69,31 +73,42 @@ impl Metrics {
             registry: Registry::default(),
         };
         let m = &metrics;
-        registry.register(
+        let broker = registry.sub_registry_with_label(("sink".into(), sink.as_str().into()));
+        broker.register(
             "events_published",
-            "Events acknowledged by Kafka",
+            "Events acknowledged by the broker",
             m.events_published.clone(),
         );
-        registry.register(
+        broker.register(
             "bytes_published",
-            "Payload bytes acknowledged by Kafka",
+            "Payload bytes acknowledged by the broker",
             m.bytes_published.clone(),
         );
-        registry.register(
+        broker.register(
             "events_dead_lettered",
-            "Events sent to the dead-letter topic",
+            "Events sent to the dead-letter destination",
             m.events_dead_lettered.clone(),
         );
-        registry.register(
+        broker.register(
             "events_skipped_already_written",
             "Replayed events skipped because an earlier run wrote them (exactly-once)",
             m.events_skipped_already_written.clone(),
         );
-        registry.register("errors", "Errors by class (transient, poison, fatal)", m.errors.clone());
-        registry.register(
+        broker.register("errors", "Errors by class (transient, poison, fatal)", m.errors.clone());
+        broker.register(
             "events_in_flight",
-            "Events handed to Kafka, not yet acknowledged",
+            "Events handed to the broker, not yet acknowledged",
             m.events_in_flight.clone(),
+        );
+        broker.register(
+            "commit_to_ack_seconds",
+            "From an event's commit in PostgreSQL to its acknowledgement by the broker",
+            m.commit_to_ack_seconds.clone(),
+        );
+        broker.register(
+            "broker_reachable",
+            "1 while the broker answers (Kafka: metadata requests; RabbitMQ: an open connection)",
+            m.broker_reachable.clone(),
         );
         registry.register(
             "transactions_decoded",
@@ -126,11 +141,6 @@ impl Metrics {
             m.heartbeat_round_trip_seconds.clone(),
         );
         registry.register(
-            "commit_to_ack_seconds",
-            "From an event's commit in PostgreSQL to its acknowledgement by Kafka",
-            m.commit_to_ack_seconds.clone(),
-        );
-        registry.register(
             "reconnects",
             "Replication sessions restarted after a failure",
             m.reconnects.clone(),
@@ -154,11 +164,6 @@ impl Metrics {
             "streaming",
             "1 while a replication session streams",
             m.streaming.clone(),
-        );
-        registry.register(
-            "broker_reachable",
-            "1 while Kafka answers metadata requests",
-            m.broker_reachable.clone(),
         );
         registry.register(
             "rows_cleaned",
@@ -209,16 +214,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_metric_is_exported_even_before_its_first_sample() {
-        let metrics = Metrics::new();
+    fn every_metric_is_exported_even_before_its_first_sample_broker_ones_labelled_by_sink() {
+        let metrics = Metrics::new(SinkKind::Kafka);
         metrics.set_wal_status("reserved");
         let text = metrics.encode();
         for line in [
-            "outbox_relay_errors_total{class=\"poison\"} 0",
-            "outbox_relay_errors_total{class=\"transient\"} 0",
-            "outbox_relay_errors_total{class=\"fatal\"} 0",
+            "outbox_relay_errors_total{sink=\"kafka\",class=\"poison\"} 0",
+            "outbox_relay_errors_total{sink=\"kafka\",class=\"transient\"} 0",
+            "outbox_relay_errors_total{sink=\"kafka\",class=\"fatal\"} 0",
             "outbox_relay_slot_wal_status{status=\"reserved\"} 1",
-            "outbox_relay_events_published_total 0",
+            "outbox_relay_events_published_total{sink=\"kafka\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }

@@ -1,4 +1,4 @@
-//! The monitor: samples the slot's view of the lag and whether Kafka answers, and writes
+//! The monitor: samples the slot's view of the lag and whether the broker answers, and writes
 //! the heartbeat.
 //!
 //! The heartbeat: every `--heartbeat-interval` the relay writes a non-transactional
@@ -13,17 +13,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::Producer as _;
 use tokio_postgres::Client;
 
 use crate::clock::now_micros;
-use crate::kafka::Producer;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::periodic::{Flow, Periodic};
 use crate::postgres::connection::Database;
 use crate::readiness::Health;
 use crate::shutdown::Shutdown;
+use crate::sink::Probe;
 
 /// The prefix of heartbeat messages. Other prefixes are the application's.
 pub const PREFIX: &str = "outbox-relay.heartbeat";
@@ -43,7 +42,8 @@ pub struct Monitor {
     pub database: Database,
     pub slot: String,
     pub heartbeat_interval: Duration,
-    pub producer: Producer,
+    /// Asks the broker whether it answers.
+    pub broker: Probe,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
 }
@@ -90,18 +90,9 @@ impl Monitor {
         Ok(())
     }
 
-    /// Asks Kafka for metadata (bounded, off the async threads).
+    /// Asks the broker whether it answers (bounded).
     async fn sample_broker(&self) {
-        let producer = self.producer.clone();
-        let answered = tokio::task::spawn_blocking(move || {
-            producer
-                .inner()
-                .client()
-                .fetch_metadata(None, Duration::from_secs(2))
-                .is_ok()
-        })
-        .await
-        .unwrap_or(false);
+        let answered = self.broker.answers().await;
         self.health.set_broker_reachable(answered);
         self.metrics.broker_reachable.set(i64::from(answered));
     }

@@ -64,7 +64,7 @@ impl Health {
     }
 
     /// `Ok` with what the relay is doing when ready (streaming, or a hot standby whose
-    /// PostgreSQL and Kafka answer, so that an orchestrator rolling the relays out sees
+    /// PostgreSQL and the broker answer, so that an orchestrator rolling the relays out sees
     /// both up); otherwise why not.
     pub fn readiness(&self, metrics: &Metrics, max_lag: Duration) -> Result<&'static str, String> {
         if !self.streaming.load(Ordering::Relaxed) {
@@ -74,7 +74,7 @@ impl Health {
             return Err("not streaming (PostgreSQL unreachable, or starting)".into());
         }
         if !self.broker_reachable.load(Ordering::Relaxed) {
-            return Err("Kafka does not answer".into());
+            return Err("the broker does not answer".into());
         }
         let in_flight = metrics.events_in_flight.get();
         let since_ack = self.now_ms().saturating_sub(self.last_ack_ms.load(Ordering::Relaxed));

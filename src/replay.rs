@@ -100,7 +100,7 @@ pub async fn replay(args: &ReplayArgs, shutdown: Shutdown) -> Result<Vec<String>
     drop(client);
     let mut reader = RowReader::start(selected, plan.table.clone(), 0, Lsn::ZERO);
     let counts = reader.counts();
-    let metrics = Metrics::new();
+    let metrics = Metrics::new(settings.sink.kind());
     let display = tokio::spawn(crate::rows::show_progress(Arc::clone(&metrics), total, "replay"));
     let started = Instant::now();
     let outcome = crate::app::publish_source(settings, &mut reader, Lsn::ZERO, Arc::clone(&metrics), shutdown).await;

@@ -1,7 +1,7 @@
 //! `outbox-relay setup`: prepares a database for the relay and says what it did.
 //!
-//! Creates only what is missing: the shipped SQL (with `--apply-sql`) and the logical
-//! slot. It is the only command that creates a slot (see `postgres::slot`).
+//! Creates only what is missing: the shipped SQL (with `--apply-sql`), the logical slot,
+//! and for RabbitMQ the exchange and the dead-letter queue. It is the only command that creates a slot (see `postgres::slot`).
 
 use crate::config::SetupArgs;
 use crate::error::RelayError;
@@ -54,6 +54,18 @@ pub async fn setup(args: &SetupArgs, shutdown: crate::shutdown::Shutdown) -> Res
         .into());
     }
     report.push(format!("publication {publication} exists"));
+
+    // The broker's side, where it has one to prepare (Kafka creates topics on demand).
+    let broker = match args.publish.sink {
+        crate::sink::SinkKind::Kafka => None,
+        crate::sink::SinkKind::Rabbitmq => Some(args.publish.sink_settings()?),
+    };
+    if let Some(crate::sink::SinkSettings::Rabbitmq(amqp)) = broker {
+        let declared = crate::sink::rabbitmq::declare(&amqp, &args.publish.dead_letter_topic)
+            .await
+            .map_err(RelayError::from)?;
+        report.extend(declared);
+    }
 
     if let Some(condition) = &args.backfill {
         let lines = crate::backfill::backfill(args, condition, &database, client, server, shutdown).await?;

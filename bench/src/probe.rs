@@ -31,7 +31,9 @@ pub fn relay_ack_p50_p99_ms(port: u16) -> (Option<f64>, Option<f64>) {
     let text = relay_metrics(port);
     let buckets: Vec<(f64, f64)> = text
         .lines()
-        .filter_map(|l| l.strip_prefix("outbox_relay_commit_to_ack_seconds_bucket{le=\""))
+        .filter_map(|l| l.strip_prefix("outbox_relay_commit_to_ack_seconds_bucket{"))
+        // Labels before `le` (the sink's) are skipped.
+        .filter_map(|l| l.split_once("le=\"").map(|(_, rest)| rest))
         .filter_map(|rest| {
             let (le, count) = rest.split_once("\"} ")?;
             Some((

@@ -113,7 +113,7 @@ pub async fn backfill(
         Lsn(start.0.saturating_sub(1)),
     );
     let counts = reader.counts();
-    let metrics = Metrics::new();
+    let metrics = Metrics::new(settings.sink.kind());
     let display = tokio::spawn(crate::rows::show_progress(
         Arc::clone(&metrics),
         record.rows - record.done_through,

@@ -281,6 +281,16 @@ impl ColumnType {
 /// key or a value.
 pub const BYTEA_OID: u32 = 17;
 
+/// The media type of a value column of this type: JSON for json and jsonb, text for the
+/// text family, none for bytea (raw bytes) and domains (their type is not looked up).
+pub fn content_type(type_oid: u32) -> Option<&'static str> {
+    match type_oid {
+        114 | 3802 => Some(super::JSON),
+        25 | 1043 | 1042 => Some(super::TEXT),
+        _ => None,
+    }
+}
+
 /// Decodes PostgreSQL's hex text form of a bytea (`\x0a0b`).
 pub fn decode_bytea(text: &[u8]) -> Result<Vec<u8>, String> {
     let hex = text

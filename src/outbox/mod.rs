@@ -55,7 +55,15 @@ pub struct OutboxEvent {
     pub payload: Option<Bytes>,
     pub headers: Headers,
     pub position: SourcePosition,
+    /// The payload's media type when its column says it (`application/json` for json and
+    /// jsonb), for brokers that carry one (RabbitMQ's `content_type`).
+    pub content_type: Option<&'static str>,
 }
+
+/// The media type of JSON payloads.
+pub const JSON: &str = "application/json";
+/// The media type of text payloads.
+pub const TEXT: &str = "text/plain; charset=utf-8";
 
 impl OutboxEvent {
     /// What picks the record's partition: its key, or for a keyless event its id, so that
@@ -95,6 +103,8 @@ pub use template::{validate_topic_name, TemplateError, TopicTemplate};
 struct Field {
     index: usize,
     bytea: bool,
+    /// The column's media type, when it has one.
+    content_type: Option<&'static str>,
 }
 
 /// Where each outbox column sits in one table's rows.
@@ -170,6 +180,7 @@ impl Mapper {
         let field = |index: usize| Field {
             index,
             bytea: relation.columns[index].type_oid == columns::BYTEA_OID,
+            content_type: columns::content_type(relation.columns[index].type_oid),
         };
         let names = &self.names;
         let rendering = |index: usize| {
@@ -325,6 +336,7 @@ impl Mapper {
             payload,
             headers,
             position,
+            content_type: layout.payload.content_type,
         })
     }
 }
@@ -412,6 +424,7 @@ impl Mapper {
             id,
             headers,
             position,
+            content_type: Some(JSON),
         })
     }
 

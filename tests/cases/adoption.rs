@@ -52,7 +52,7 @@ impl Writers {
                         )
                         .await
                         .unwrap_or_else(|e| panic!("{e}"));
-                    if n % 10 == 0 {
+                    if n.is_multiple_of(10) {
                         // Rolled back: must never be published.
                         transaction.rollback().await.unwrap_or_else(|e| panic!("{e}"));
                     } else {

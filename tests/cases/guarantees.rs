@@ -10,7 +10,7 @@ use crate::support::{connect, eventually, Record, TestDb};
 
 /// Writes events in transactions of mixed sizes (1 to 20 rows, now and then 300), rolling
 /// back about one in ten; returns the ids of the committed events.
-async fn write_mixed(url: String, writer: u64, events: usize) -> Vec<String> {
+pub async fn write_mixed(url: String, writer: u64, events: usize) -> Vec<String> {
     let mut client = connect(&url).await;
     let mut state = 0x2545_F491_4F6C_DD1Du64 ^ writer;
     let mut next = move |n: u64| {

@@ -9,6 +9,7 @@ mod faults;
 mod guarantees;
 mod large_transaction;
 mod operations;
+mod rabbitmq;
 mod reactions;
 mod startup_errors;
 mod tls;

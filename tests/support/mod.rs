@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod rabbitmq;
 pub mod relay;
 
 use std::sync::atomic::{AtomicU32, Ordering};

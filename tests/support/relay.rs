@@ -19,6 +19,7 @@ pub fn command() -> Command {
             || key == "DATABASE_URL"
             || key == "DATABASE_PASSWORD_FILE"
             || key == "KAFKA_BOOTSTRAP_SERVERS"
+            || key == "AMQP_URL"
         {
             command.env_remove(key);
         }
@@ -152,7 +153,7 @@ impl Relay {
         (status, body)
     }
 
-    /// The value of an unlabelled metric from /metrics (0 when absent).
+    /// The value of a metric from /metrics (0 when absent).
     pub fn metric(&self, name: &str) -> f64 {
         metric(&self.get("/metrics").1, name).unwrap_or(0.0)
     }
@@ -162,10 +163,14 @@ impl Relay {
     }
 }
 
-/// The value of an unlabelled metric in Prometheus text.
+/// The value of a metric in Prometheus text: unlabelled, or the first series of `name`
+/// whatever its labels (`sink="kafka"`).
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
-        .find(|line| line.split_whitespace().next() == Some(name))
+        .find(|line| {
+            let series = line.split_whitespace().next().unwrap_or_default();
+            series == name || series.split_once('{').is_some_and(|(metric, _)| metric == name)
+        })
         .and_then(|line| line.split_whitespace().nth(1))
         .and_then(|value| value.parse().ok())
 }

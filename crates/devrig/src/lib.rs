@@ -1,6 +1,6 @@
 //! Local services for outbox-relay's tests, demo and benchmark: a private PostgreSQL
-//! cluster (`wal_level=logical`) and a tansu Kafka-compatible broker, each on a free
-//! loopback port, each stopped when its value is dropped or the process exits.
+//! cluster (`wal_level=logical`), a tansu Kafka-compatible broker and a RabbitMQ node, each
+//! on free loopback ports, each stopped when its value is dropped or the process exits.
 //!
 //! Nothing here depends on a system service. Binaries are found as follows:
 //! PostgreSQL from `PG_BINDIR`, else the newest `/usr/lib/postgresql/*/bin`; tansu from
@@ -48,15 +48,26 @@ static CLEANUP: Mutex<Vec<Cleanup>> = Mutex::new(Vec::new());
 static REGISTER_AT_EXIT: Once = Once::new();
 
 enum Cleanup {
-    Process { pid: u32, signal: i32 },
+    Process {
+        pid: u32,
+        signal: i32,
+    },
+    /// A process group (a server whose script starts children), killed whole.
+    Group {
+        pgid: u32,
+    },
     Directory(PathBuf),
 }
 
 extern "C" fn clean_up_at_exit() {
     let Ok(mut items) = CLEANUP.lock() else { return };
     for item in items.iter() {
-        if let Cleanup::Process { pid, signal } = item {
-            kill(*pid, *signal);
+        match item {
+            Cleanup::Process { pid, signal } => kill(*pid, *signal),
+            Cleanup::Group { pgid } => unsafe {
+                libc::kill(-(*pgid as libc::pid_t), libc::SIGKILL);
+            },
+            Cleanup::Directory(_) => {}
         }
     }
     for item in items.iter() {
@@ -82,7 +93,7 @@ fn register(item: Cleanup) {
 
 fn unregister_pid(pid: u32) {
     if let Ok(mut items) = CLEANUP.lock() {
-        items.retain(|item| !matches!(item, Cleanup::Process { pid: p, .. } if *p == pid));
+        items.retain(|item| !matches!(item, Cleanup::Process { pid: p, .. } | Cleanup::Group { pgid: p } if *p == pid));
     }
 }
 
@@ -616,15 +627,20 @@ fn client_tool(bindir: &Path, name: &str) -> io::Result<PathBuf> {
 
 /// PostgreSQL refuses to run as root: when we are root, run it as the `postgres` user.
 fn postgres_owner() -> io::Result<Option<(u32, u32)>> {
+    user_owner("postgres")
+}
+
+/// When we are root, the (uid, gid) of the system user `name` to run a server as.
+fn user_owner(name: &str) -> io::Result<Option<(u32, u32)>> {
     if unsafe { libc::geteuid() } != 0 {
         return Ok(None);
     }
-    let name = c"postgres";
-    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
+    let c_name = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    let entry = unsafe { libc::getpwnam(c_name.as_ptr()) };
     if entry.is_null() {
         return Err(io::Error::new(
             io::ErrorKind::NotFound,
-            "running as root but there is no 'postgres' user to run PostgreSQL as",
+            format!("running as root but there is no '{name}' user to run its server as"),
         ));
     }
     let (uid, gid) = unsafe { ((*entry).pw_uid, (*entry).pw_gid) };
@@ -726,6 +742,147 @@ impl Drop for Broker {
         let _ = std::fs::remove_dir_all(&self.dir);
         unregister_dir(&self.dir);
     }
+}
+
+// ---------------------------------------------------------------------------
+// RabbitMQ
+
+/// A private RabbitMQ node (Debian's `rabbitmq-server`) with its own ports (AMQP,
+/// distribution, epmd) and data directory; user `guest`/`guest` on loopback. Durable
+/// exchanges, queues and persistent messages survive [`restart`](Self::restart).
+pub struct RabbitMq {
+    pub port: u16,
+    dist_port: u16,
+    epmd_port: u16,
+    dir: PathBuf,
+    owner: Option<(u32, u32)>,
+    child: Option<Child>,
+}
+
+impl RabbitMq {
+    pub fn start() -> io::Result<RabbitMq> {
+        let dir = scratch_dir("rabbitmq")?;
+        register(Cleanup::Directory(dir.clone()));
+        let owner = user_owner("rabbitmq")?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+        }
+        let mut node = RabbitMq {
+            port: free_port()?,
+            dist_port: free_port()?,
+            epmd_port: free_port()?,
+            dir,
+            owner,
+            child: None,
+        };
+        node.launch()?;
+        Ok(node)
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn command(&self, program: &str) -> io::Result<Command> {
+        let path = rabbitmq_bindir()?.join(program);
+        let mut command = Command::new(path);
+        let dir = &self.dir;
+        command
+            .env("HOME", dir)
+            .env("RABBITMQ_NODENAME", format!("devrig{}@localhost", self.port))
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"));
+        if let Some((uid, gid)) = self.owner {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(gid);
+        }
+        Ok(command)
+    }
+
+    fn launch(&mut self) -> io::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))?;
+        let mut command = self.command("rabbitmq-server")?;
+        {
+            use std::os::unix::process::CommandExt;
+            command.process_group(0);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start rabbitmq-server: {e}")))?;
+        register(Cleanup::Group { pgid: child.id() });
+        self.child = Some(child);
+        let port = self.port;
+        wait_until(Duration::from_secs(90), "RabbitMQ to listen", || port_open(port)).map_err(|e| {
+            let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+            io::Error::new(e.kind(), format!("{e}; its output:\n{log}"))
+        })
+    }
+
+    /// Stops the node (its whole process group) and waits for it to be gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe {
+                libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
+            }
+            let _ = child.wait();
+            unregister_pid(child.id());
+            // The node started an epmd of its own on its port; it holds no data.
+            let _ = Command::new("epmd")
+                .args(["-port", &self.epmd_port.to_string(), "-kill"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let port = self.port;
+            let _ = wait_until(Duration::from_secs(10), "RabbitMQ to stop listening", || {
+                !port_open(port)
+            });
+        }
+    }
+
+    /// Kills the node and starts it again on the same ports and data: what was durable
+    /// and confirmed is still there.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.stop();
+        self.launch()
+    }
+}
+
+impl Drop for RabbitMq {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        unregister_dir(&self.dir);
+    }
+}
+
+/// Where RabbitMQ's scripts are: `RABBITMQ_BINDIR`, else Debian's.
+pub fn rabbitmq_bindir() -> io::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("RABBITMQ_BINDIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let debian = PathBuf::from("/usr/lib/rabbitmq/bin");
+    if debian.join("rabbitmq-server").exists() {
+        return Ok(debian);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        "no rabbitmq-server: run scripts/install-deps or set RABBITMQ_BINDIR",
+    ))
 }
 
 /// Runs a PostgreSQL tool to its end; a failure carries what it printed on stderr.

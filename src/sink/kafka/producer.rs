@@ -27,8 +27,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Message as _, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer as _, ProducerContext};
 
-use crate::kafka::client_log::LogContext;
 use crate::outbox::OutboxEvent;
+use crate::sink::kafka::client_log::LogContext;
 
 /// What the user said about Kafka.
 #[derive(Debug, Clone)]

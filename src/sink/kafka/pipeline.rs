@@ -136,9 +136,9 @@ impl<T: Unpin> Future for Tagged<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kafka::producer::ProducerSettings;
     use crate::lsn::Lsn;
     use crate::outbox::{OutboxEvent, SourcePosition};
+    use crate::sink::kafka::producer::ProducerSettings;
 
     fn event(id: &str) -> OutboxEvent {
         OutboxEvent {
@@ -151,6 +151,7 @@ mod tests {
                 commit_lsn: Lsn(1),
                 index: 0,
             },
+            content_type: None,
         }
     }
 
