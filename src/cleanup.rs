@@ -14,7 +14,7 @@
 //! A transaction writes its commit record before it stops counting as running, so every
 //! transaction older than `xmin` that committed did so below `lsn`. Once the relay's
 //! confirmed LSN reaches `lsn`, every row whose inserting transaction (`xmin` system
-//! column) is older than the mark's `xmin` has had its event acknowledged by Kafka.
+//! column) is older than the mark's `xmin` has had its event acknowledged by the broker.
 //! A mark taken at time `t` covers only transactions that ended before `t`, so a mark
 //! at least `retention` old deletes only rows at least that old.
 //!

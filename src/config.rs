@@ -14,7 +14,7 @@ use crate::sink::{SinkKind, SinkSettings};
 #[command(
     name = "outbox-relay",
     version,
-    about = "Publishes transactional-outbox rows from a PostgreSQL logical replication slot to Kafka, \
+    about = "Publishes transactional-outbox rows from a PostgreSQL logical replication slot to Kafka or RabbitMQ, \
              confirming the slot's position only after the broker has acknowledged every event before it."
 )]
 pub struct Cli {
@@ -44,10 +44,10 @@ pub enum Command {
     /// With --backfill WHERE, also publish the rows already in the table (taking over from a
     /// poller); interrupted, the same command resumes.
     Setup(SetupArgs),
-    /// Stream outbox events to Kafka until SIGINT or SIGTERM.
+    /// Stream outbox events to the broker (--sink) until SIGINT or SIGTERM.
     Run(RunArgs),
     /// Check every precondition of `run` with the same settings (wal_level, role,
-    /// publication, slot, Kafka, topics) and print a checklist with a fix for each
+    /// publication, slot, the broker and its destinations) and print a checklist with a fix for each
     /// failure; the exit code is 0 when `run` can start, 1 otherwise.
     Check(RunArgs),
     /// Publish again rows still in the outbox table (after a consumer's bug, to a new
@@ -223,7 +223,7 @@ pub struct PublishArgs {
     #[arg(long, env = "OUTBOX_RELAY_DEAD_LETTER_TOPIC", default_value = "outbox.dlq")]
     pub dead_letter_topic: String,
 
-    /// Most events handed to Kafka and not yet acknowledged; reading pauses at this bound.
+    /// Most events handed to the broker and not yet acknowledged; reading pauses at this bound.
     #[arg(long, env = "OUTBOX_RELAY_MAX_IN_FLIGHT", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
 

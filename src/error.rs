@@ -5,8 +5,8 @@
 //! and retried; a *poison* one concerns one event only, which is dead-lettered; a *fatal*
 //! one cannot be fixed by waiting, so the relay stops and the message says what to change.
 //! Each error type answers [`Classify::class`], and the tables that decide it for
-//! PostgreSQL (SQLSTATE, I/O errors) are here, tested in one place; Kafka's codes are in
-//! `kafka/errors.rs`. The session loop asks only `class()`: transient ends the session and
+//! PostgreSQL (SQLSTATE, I/O errors) are here, tested in one place; each broker's codes are in
+//! its sink (`sink/kafka/errors.rs`, `sink/rabbitmq.rs`). The session loop asks only `class()`: transient ends the session and
 //! starts another, anything else ends the run with [`RelayError::exit_code`].
 
 use std::io::ErrorKind;

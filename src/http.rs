@@ -1,6 +1,6 @@
 //! The operations endpoint: `/metrics` (Prometheus), `/healthz` (the process answers),
-//! `/readyz` (streaming, Kafka answering and acknowledging, lag within the limit; or a
-//! hot standby waiting for the slot, with Kafka answering).
+//! `/readyz` (streaming, the broker answering and acknowledging, lag within the limit; or a
+//! hot standby waiting for the slot, with the broker answering).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

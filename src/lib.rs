@@ -9,7 +9,7 @@
 //!   connection alike; [`postgres::tls`] puts both on rustls.
 //! - [`postgres::stream`]: the walsender stream of the slot (replication protocol).
 //! - [`postgres::pgoutput`]: decodes each `pgoutput` message.
-//! - [`outbox`]: turns an inserted outbox row into a Kafka record, by a column mapping
+//! - [`outbox`]: turns an inserted outbox row into a record (topic, key, value, headers), by a column mapping
 //!   ([`outbox::columns`]) and a topic template ([`outbox::template`]); [`debezium_values`]
 //!   writes column values in headers as Debezium does, under `--preset debezium`.
 //! - [`publisher`]: hands mapped events to the sink, dead-letters what can never be

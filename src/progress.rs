@@ -16,7 +16,7 @@
 //!
 //! The walsender sends transactions in commit order, each completely, between a Begin
 //! and a Commit. Confirming `end_lsn` of `T` tells PostgreSQL it may skip `T` and every
-//! transaction that committed before it on restart; by (2) all their events are in Kafka.
+//! transaction that committed before it on restart; by (2) all their events are in the broker.
 //! A transaction that committed later is still sent after a restart, because its commit
 //! record lies beyond `end_lsn`; the slot's `restart_lsn`, kept by the server, lets it
 //! rebuild such a transaction even if it started earlier. A logical walsender's

@@ -192,6 +192,19 @@ pub async fn relay_drain(
     target: &str,
     client: &tokio_postgres::Client,
 ) -> RelayDrain {
+    relay_drain_to(url, bootstrap, slot, topic_prefix, target, client, &[]).await
+}
+
+/// As [`relay_drain`], with settings of another sink (`OUTBOX_RELAY_SINK`, ...) in `sink`.
+pub async fn relay_drain_to(
+    url: &str,
+    bootstrap: &str,
+    slot: &str,
+    topic_prefix: &str,
+    target: &str,
+    client: &tokio_postgres::Client,
+    sink: &[(&str, &str)],
+) -> RelayDrain {
     let port = devrig::free_port().expect("a free port");
     let started = Instant::now();
     let mut relay = Command::new(rig::relay_binary())
@@ -205,6 +218,7 @@ pub async fn relay_drain(
         )
         .env("OUTBOX_RELAY_LOG", "warn")
         .env("OUTBOX_RELAY_METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .envs(sink.iter().copied())
         .stdout(Stdio::null())
         .spawn()
         .expect("relay");

@@ -20,6 +20,7 @@ mod debezium;
 mod drain;
 mod poller;
 mod probe;
+mod rabbitmq;
 mod report;
 mod rig;
 mod steady;
@@ -77,6 +78,9 @@ enum Scenario {
     Steady,
     /// Rows already in the table published by `setup --backfill`.
     Backfill,
+    /// A single-row backlog drained to RabbitMQ, against a SKIP LOCKED poller on lapin
+    /// (opt-in: starts a private RabbitMQ node unless AMQP_URL is set).
+    Rabbitmq,
 }
 
 impl Scenario {
@@ -89,6 +93,7 @@ impl Scenario {
             Scenario::Broker => "broker",
             Scenario::Steady => "steady",
             Scenario::Backfill => "backfill",
+            Scenario::Rabbitmq => "rabbitmq",
         }
     }
 }
@@ -173,6 +178,19 @@ async fn main() {
     }
     if wanted("backfill") {
         results.backfill = Some(backfill::backfill(events, &admin_url, &bootstrap).await);
+    }
+    // Opt-in: it needs a RabbitMQ node.
+    if only == Some("rabbitmq") {
+        let (amqp_url, _node) = match std::env::var("AMQP_URL") {
+            Ok(url) => (url, None),
+            Err(_) => {
+                let node = devrig::RabbitMq::start().expect("RabbitMQ");
+                (node.url(), Some(node))
+            }
+        };
+        let row = rabbitmq::drain(events, &admin_url, &amqp_url).await;
+        println!("{}", row.markdown());
+        results.sinks.push(row);
     }
     if wanted("steady") {
         let publishers = [

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use crate::{backfill, broker, drain, probe, steady, tls};
+use crate::{backfill, broker, drain, probe, rabbitmq, steady, tls};
 
 #[derive(Default)]
 pub struct Results {
@@ -15,6 +15,7 @@ pub struct Results {
     pub steady: Vec<steady::Steady>,
     pub tls: Option<tls::Row>,
     pub backfill: Option<backfill::Row>,
+    pub sinks: Vec<rabbitmq::Row>,
 }
 
 impl Results {
@@ -48,6 +49,16 @@ impl Results {
                 backfill::HEADER,
                 row.markdown()
             ));
+        }
+        if !self.sinks.is_empty() {
+            table.push_str(&format!(
+                "\nOther sinks, against a SKIP LOCKED poller with the same client library:\n\n{}\n",
+                rabbitmq::HEADER
+            ));
+            for row in &self.sinks {
+                table.push_str(&row.markdown());
+                table.push('\n');
+            }
         }
         if let Some(baseline) = &self.broker {
             table.push_str(&format!(

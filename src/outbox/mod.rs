@@ -1,4 +1,5 @@
-//! Turns one outbox row into one Kafka record: topic, key, value and headers.
+//! Turns one outbox row into one record: topic (the destination's name for every sink),
+//! key, value and headers.
 //!
 //! Columns are found by name in the table's Relation message, never by position, so
 //! `ALTER TABLE outbox ADD COLUMN ...` or a reordered table keeps working. A row that
@@ -38,13 +39,13 @@ pub struct SourcePosition {
     pub index: u32,
 }
 
-/// A Kafka header name: the relay's own names are static, so naming them allocates nothing.
+/// A header name: the relay's own names are static, so naming them allocates nothing.
 pub type HeaderName = std::borrow::Cow<'static, str>;
 
 /// A record's headers, in order; a `None` value is a header without a value.
 pub type Headers = Vec<(HeaderName, Option<Bytes>)>;
 
-/// A record ready for Kafka. Key and value share the replication buffer (no copy).
+/// A record ready for the broker. Key and value share the replication buffer (no copy).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxEvent {
     pub id: String,

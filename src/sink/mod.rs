@@ -74,7 +74,7 @@ pub struct TxnRef {
 }
 
 /// Whose record an outcome is for: what the publisher needs back, whatever the broker.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Tag {
     pub txn: TxnRef,
     pub id: String,

@@ -36,6 +36,9 @@ pub const KEY_HEADER: &str = "aggregate_id";
 /// How long connecting (TCP, TLS, AMQP handshake, channel) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the probe waits for a connection of its own.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// An AMQP URL whose password never reaches a log line: it is shown without it.
 #[derive(Clone)]
 pub struct AmqpUrl {
@@ -124,8 +127,8 @@ struct Link {
     channel: Channel,
 }
 
-/// Connects, checks that `exchange` exists, and opens a channel in confirm mode.
-async fn connect(settings: &AmqpSettings) -> Result<Link, SinkError> {
+/// Opens a connection and a channel on it, bounded by [`CONNECT_TIMEOUT`].
+async fn open(settings: &AmqpSettings) -> Result<(Connection, Channel), SinkError> {
     let context = || format!("RabbitMQ at {}", settings.url);
     let opening = async {
         let properties = ConnectionProperties::default().with_connection_name("outbox-relay".into());
@@ -133,10 +136,15 @@ async fn connect(settings: &AmqpSettings) -> Result<Link, SinkError> {
         let channel = connection.create_channel().await?;
         Ok::<_, lapin::Error>((connection, channel))
     };
-    let (connection, channel) = tokio::time::timeout(CONNECT_TIMEOUT, opening)
+    tokio::time::timeout(CONNECT_TIMEOUT, opening)
         .await
         .map_err(|_| SinkError::transient(context(), format!("no answer within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| SinkError::new(context(), AmqpError(e)))?;
+        .map_err(|e| SinkError::new(context(), AmqpError(e)))
+}
+
+/// Connects, checks that `exchange` exists, and opens a channel in confirm mode.
+async fn connect(settings: &AmqpSettings) -> Result<Link, SinkError> {
+    let (connection, channel) = open(settings).await?;
     // Passive: a missing exchange is said now, by name, not as a closed channel later.
     channel
         .exchange_declare(
@@ -161,7 +169,7 @@ async fn connect(settings: &AmqpSettings) -> Result<Link, SinkError> {
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
-        .map_err(|e| SinkError::new(context(), AmqpError(e)))?;
+        .map_err(|e| SinkError::new(format!("RabbitMQ at {}", settings.url), AmqpError(e)))?;
     Ok(Link { connection, channel })
 }
 
@@ -412,12 +420,13 @@ impl Probe {
         if live == Some(true) {
             return true;
         }
-        match connect(&self.settings).await {
-            Ok(link) => {
+        // Bounded like Kafka's probe: a stalled broker must not hold up the monitor.
+        match tokio::time::timeout(PROBE_TIMEOUT, connect(&self.settings)).await {
+            Ok(Ok(link)) => {
                 let _ = link.connection.close(200, "probe".into()).await;
                 true
             }
-            Err(_) => false,
+            _ => false,
         }
     }
 }
@@ -426,16 +435,7 @@ impl Probe {
 /// by the dead-letter routing key, so that dead letters are routable from the start.
 /// Returns what was done, one line each.
 pub async fn declare(settings: &AmqpSettings, dead_letter_key: &str) -> Result<Vec<String>, SinkError> {
-    let context = || format!("RabbitMQ at {}", settings.url);
-    let opening = async {
-        let connection = Connection::connect_uri(settings.url.uri.clone(), ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        Ok::<_, lapin::Error>((connection, channel))
-    };
-    let (connection, channel) = tokio::time::timeout(CONNECT_TIMEOUT, opening)
-        .await
-        .map_err(|_| SinkError::transient(context(), format!("no answer within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| SinkError::new(context(), AmqpError(e)))?;
+    let (connection, channel) = open(settings).await?;
     let exchange = exchange_name(&settings.exchange)?;
     let queue = exchange_name(dead_letter_key)?;
     let declared = async {

@@ -70,7 +70,9 @@ impl<T: Unpin> Pipeline<T> {
         self.in_flight.is_empty()
     }
 
-    pub fn submit(&mut self, event: &OutboxEvent, partition: i32, tag: T) -> Result<(), SubmitError> {
+    /// Hands `event` to librdkafka; on refusal the tag comes back with the reason, so that
+    /// the caller can try again without rebuilding it.
+    pub fn submit(&mut self, event: &OutboxEvent, partition: i32, tag: T) -> Result<(), (SubmitError, T)> {
         match self.producer.send(event, partition) {
             Ok(delivery) => {
                 self.in_flight.push(Tagged {
@@ -80,12 +82,15 @@ impl<T: Unpin> Pipeline<T> {
                 Ok(())
             }
             Err(KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)) => {
-                Err(SubmitError::QueueFull)
+                Err((SubmitError::QueueFull, tag))
             }
-            Err(error) => Err(SubmitError::Refused {
-                class: classify(&error),
-                error,
-            }),
+            Err(error) => Err((
+                SubmitError::Refused {
+                    class: classify(&error),
+                    error,
+                },
+                tag,
+            )),
         }
     }
 
@@ -197,7 +202,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e:?}"));
         assert!(matches!(
             pipeline.submit(&event("second"), 0, ()),
-            Err(SubmitError::QueueFull)
+            Err((SubmitError::QueueFull, ()))
         ));
         assert_eq!(pipeline.len(), 1);
     }

@@ -149,16 +149,15 @@ impl Sink for KafkaSink {
         if route.already_written {
             return Ok(Submitted::AlreadyWritten);
         }
+        let mut tagged = (tag, route.topic, route.partition);
         loop {
-            match self
-                .pipeline
-                .submit(event, route.partition, (tag.clone(), route.topic, route.partition))
-            {
+            tagged = match self.pipeline.submit(event, route.partition, tagged) {
                 Ok(()) => return Ok(Submitted::Queued),
-                Err(SubmitError::QueueFull) => match self.pipeline.next_ack().await {
+                Err((SubmitError::QueueFull, tagged)) => match self.pipeline.next_ack().await {
                     Some(ack) => {
                         let outcome = self.outcome(ack);
                         self.early.push_back(outcome);
+                        tagged
                     }
                     None => {
                         return Ok(Submitted::Refused(Refusal {
@@ -168,18 +167,21 @@ impl Sink for KafkaSink {
                         }))
                     }
                 },
-                Err(SubmitError::Refused {
-                    class: ErrorClass::Transient,
-                    error,
-                }) => return Err(SinkError::new(format!("Kafka refused event id={}", event.id), error)),
-                Err(SubmitError::Refused { class, error }) => {
+                Err((
+                    SubmitError::Refused {
+                        class: ErrorClass::Transient,
+                        error,
+                    },
+                    _,
+                )) => return Err(SinkError::new(format!("Kafka refused event id={}", event.id), error)),
+                Err((SubmitError::Refused { class, error }, _)) => {
                     return Ok(Submitted::Refused(Refusal {
                         class,
                         too_large: is_too_large(&error),
                         reason: error.to_string(),
                     }))
                 }
-            }
+            };
         }
     }
 
