@@ -188,7 +188,8 @@ async fn main() {
                 (node.url(), Some(node))
             }
         };
-        let row = rabbitmq::drain(events, &admin_url, &amqp_url).await;
+        let beam = _node.as_ref().and_then(devrig::RabbitMq::beam_pid);
+        let row = rabbitmq::drain(events, &admin_url, &amqp_url, beam).await;
         println!("{}", row.markdown());
         results.sinks.push(row);
     }

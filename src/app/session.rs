@@ -493,10 +493,9 @@ impl Relay {
         txn: TxnRef,
         stream: &dyn Confirm,
     ) -> Result<(), Interrupt> {
-        let mut shutdown = self.shutdown.clone();
         let published = tokio::select! {
             biased;
-            _ = shutdown.wait() => Err(Interrupt::Shutdown),
+            _ = self.shutdown.wait() => Err(Interrupt::Shutdown),
             published = self.publisher.publish(mapped, txn) => published.map_err(Interrupt::from),
         };
         self.apply_notes(Some(stream))?;
@@ -505,10 +504,9 @@ impl Relay {
 
     /// Dead-letters what the broker refused after it was sent (or halts).
     async fn handle_poisoned(&mut self, stream: &dyn Confirm) -> Result<(), Interrupt> {
-        let mut shutdown = self.shutdown.clone();
         let handled = tokio::select! {
             biased;
-            _ = shutdown.wait() => Err(Interrupt::Shutdown),
+            _ = self.shutdown.wait() => Err(Interrupt::Shutdown),
             handled = self.publisher.handle_poisoned() => handled.map_err(Interrupt::from),
         };
         self.apply_notes(Some(stream))?;
@@ -528,14 +526,21 @@ impl Relay {
             .progress
             .as_mut()
             .ok_or_else(|| RelayError::Protocol("no session started".into()))?;
-        let mut moved = None;
+        let (mut moved, mut acked) = (None, false);
         for note in self.publisher.notes() {
             match note {
                 Note::Sent(txn) => progress.event_sent(txn),
-                Note::Done(txn) => moved = progress.acked(txn).or(moved),
+                Note::Done(txn) => {
+                    acked = true;
+                    moved = progress.acked(txn).or(moved);
+                }
             }
         }
-        self.after_progress(moved, stream);
+        // Only an acknowledgement changes what is confirmed or how old the oldest
+        // unconfirmed commit is; a submission (most calls) leaves both as they were.
+        if acked {
+            self.after_progress(moved, stream);
+        }
         Ok(())
     }
 

@@ -246,14 +246,16 @@ impl Sink for AnySink {
     async fn submit(&mut self, event: &OutboxEvent, tag: Tag) -> Result<Submitted, SinkError> {
         match self {
             AnySink::Kafka(sink) => sink.submit(event, tag).await,
-            AnySink::Rabbitmq(sink) => sink.submit(event, tag).await,
+            // Boxed: lapin's futures are large, and the Kafka path, which moves millions of
+            // events a minute, should not carry their size in every call's state.
+            AnySink::Rabbitmq(sink) => Box::pin(sink.submit(event, tag)).await,
         }
     }
 
     async fn next_ack(&mut self) -> Option<Acked> {
         match self {
             AnySink::Kafka(sink) => sink.next_ack().await,
-            AnySink::Rabbitmq(sink) => sink.next_ack().await,
+            AnySink::Rabbitmq(sink) => Box::pin(sink.next_ack()).await,
         }
     }
 

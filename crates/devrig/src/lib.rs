@@ -833,6 +833,17 @@ impl RabbitMq {
         })
     }
 
+    /// The Erlang VM's process (the script's child), for CPU figures.
+    pub fn beam_pid(&self) -> Option<u32> {
+        let home = self.dir.to_string_lossy().into_owned();
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            (cmdline.contains("beam.smp") && cmdline.contains(&home)).then_some(pid)
+        })
+    }
+
     /// Stops the node (its whole process group) and waits for it to be gone.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
