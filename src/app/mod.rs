@@ -105,6 +105,12 @@ impl RelaySettings {
 pub async fn run(settings: RelaySettings, shutdown: Shutdown) -> Result<(), RelayError> {
     let metrics = Metrics::new(settings.sink.kind());
     let mut sink = settings.open_sink(&metrics)?;
+    if settings.delivery == Delivery::ExactlyOnce && !matches!(settings.sink, SinkSettings::Kafka(_)) {
+        tracing::info!(
+            sink = settings.sink.kind().as_str(),
+            "delivery is at least once with this broker (no way to read back what an earlier run wrote); consumers deduplicate on the message id"
+        );
+    }
     sink.prepare().await?;
     let health = Arc::new(Health::default());
     let (address, server) = crate::http::bind(
