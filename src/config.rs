@@ -233,6 +233,15 @@ pub struct PublishArgs {
 }
 
 impl PublishArgs {
+    /// RabbitMQ's settings, or which one is missing or wrong.
+    pub fn amqp_settings(&self) -> Result<crate::sink::rabbitmq::AmqpSettings, crate::error::RelayError> {
+        let config = crate::error::RelayError::Config;
+        let url = self.amqp.amqp_url.as_deref().ok_or_else(|| {
+            config("no RabbitMQ to publish to: set AMQP_URL (or --amqp-url) with --sink rabbitmq".into())
+        })?;
+        crate::sink::rabbitmq::AmqpSettings::new(url, &self.amqp.amqp_exchange).map_err(config)
+    }
+
     /// The chosen sink's settings, or which setting it lacks.
     pub fn sink_settings(&self) -> Result<SinkSettings, crate::error::RelayError> {
         let config = crate::error::RelayError::Config;
@@ -246,16 +255,7 @@ impl PublishArgs {
                     properties: self.kafka.kafka_properties.clone(),
                 }))
             }
-            SinkKind::Rabbitmq => {
-                let url = self.amqp.amqp_url.as_deref().ok_or_else(|| {
-                    config("no RabbitMQ to publish to: set AMQP_URL (or --amqp-url) with --sink rabbitmq".into())
-                })?;
-                let url = crate::sink::rabbitmq::AmqpUrl::parse(url).map_err(|e| config(format!("--amqp-url: {e}")))?;
-                Ok(SinkSettings::Rabbitmq(crate::sink::rabbitmq::AmqpSettings {
-                    url,
-                    exchange: self.amqp.amqp_exchange.clone(),
-                }))
-            }
+            SinkKind::Rabbitmq => self.amqp_settings().map(SinkSettings::Rabbitmq),
         }
     }
 }

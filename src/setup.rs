@@ -56,11 +56,8 @@ pub async fn setup(args: &SetupArgs, shutdown: crate::shutdown::Shutdown) -> Res
     report.push(format!("publication {publication} exists"));
 
     // The broker's side, where it has one to prepare (Kafka creates topics on demand).
-    let broker = match args.publish.sink {
-        crate::sink::SinkKind::Kafka => None,
-        crate::sink::SinkKind::Rabbitmq => Some(args.publish.sink_settings()?),
-    };
-    if let Some(crate::sink::SinkSettings::Rabbitmq(amqp)) = broker {
+    if args.publish.sink == crate::sink::SinkKind::Rabbitmq {
+        let amqp = args.publish.amqp_settings()?;
         let declared = crate::sink::rabbitmq::declare(&amqp, &args.publish.dead_letter_topic)
             .await
             .map_err(RelayError::from)?;

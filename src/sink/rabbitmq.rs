@@ -11,12 +11,15 @@
 //!   resumes from the confirmed position, publishing them again. Delivery is therefore
 //!   at least once; `message_id` is the event id, for consumers to deduplicate.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use lapin::message::BasicReturnMessage;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
@@ -53,6 +56,10 @@ impl AmqpUrl {
         let uri: AMQPUri = text
             .parse()
             .map_err(|_| "the AMQP URL is not of the form amqp[s]://user:password@host:port/vhost".to_owned())?;
+        // lapin takes the vhost as an AMQP short string (and would panic on a longer one).
+        if uri.vhost.len() > 255 {
+            return Err("the vhost is longer than AMQP's 255 bytes".to_owned());
+        }
         let vhost = if uri.vhost == "/" {
             "%2f".to_owned()
         } else {
@@ -90,8 +97,19 @@ impl std::fmt::Display for AmqpUrl {
 #[derive(Debug, Clone)]
 pub struct AmqpSettings {
     pub url: AmqpUrl,
-    /// The durable topic exchange events are published to.
-    pub exchange: String,
+    /// The durable topic exchange events are published to (at most 255 bytes, as AMQP
+    /// names are).
+    pub exchange: ShortString,
+}
+
+impl AmqpSettings {
+    /// Checks the URL and the exchange's name; the error names the setting.
+    pub fn new(url: &str, exchange: &str) -> Result<Self, String> {
+        let url = AmqpUrl::parse(url).map_err(|e| format!("--amqp-url: {e}"))?;
+        let exchange =
+            ShortString::try_new(exchange).map_err(|_| "--amqp-exchange: longer than AMQP's 255 bytes".to_owned())?;
+        Ok(AmqpSettings { url, exchange })
+    }
 }
 
 /// A lapin error with the relay's class.
@@ -145,10 +163,20 @@ async fn open(settings: &AmqpSettings) -> Result<(Connection, Channel), SinkErro
 /// Connects, checks that `exchange` exists, and opens a channel in confirm mode.
 async fn connect(settings: &AmqpSettings) -> Result<Link, SinkError> {
     let (connection, channel) = open(settings).await?;
-    // Passive: a missing exchange is said now, by name, not as a closed channel later.
+    exchange_exists(settings, &channel).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| SinkError::new(format!("RabbitMQ at {}", settings.url), AmqpError(e)))?;
+    Ok(Link { connection, channel })
+}
+
+/// A passive declare: a missing exchange is said now, by name, not as a closed channel
+/// later. A refusal closes `channel`.
+async fn exchange_exists(settings: &AmqpSettings, channel: &Channel) -> Result<(), SinkError> {
     channel
         .exchange_declare(
-            exchange_name(&settings.exchange)?,
+            settings.exchange.clone(),
             ExchangeKind::Topic,
             ExchangeDeclareOptions {
                 passive: true,
@@ -165,29 +193,25 @@ async fn connect(settings: &AmqpSettings) -> Result<Link, SinkError> {
                 ),
                 AmqpError(e),
             )
-        })?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| SinkError::new(format!("RabbitMQ at {}", settings.url), AmqpError(e)))?;
-    Ok(Link { connection, channel })
+        })
 }
 
-fn exchange_name(name: &str) -> Result<ShortString, SinkError> {
-    ShortString::try_new(name).map_err(|e| SinkError {
-        context: format!("exchange name {name:?}"),
-        class: ErrorClass::Fatal,
-        source: Box::new(e),
-    })
-}
+/// A message's confirm, with the tag of its event and its routing key.
+type Pending = Pin<Box<dyn Future<Output = (Tag, ShortString, lapin::Result<Confirmation>)> + Send>>;
 
-/// A message's confirm with the tag of its event.
-type Pending = Pin<Box<dyn Future<Output = Acked> + Send>>;
+/// Which message a `basic.return` is for: its message id (the event id) and routing key.
+type ReturnKey = (String, String);
 
 pub struct RabbitSink {
     settings: AmqpSettings,
     link: Option<Link>,
     in_flight: FuturesUnordered<Pending>,
+    /// Outcomes decided with others of the same broker acknowledgement, oldest first.
+    decided: VecDeque<Acked>,
+    /// Returned (unroutable) messages whose own confirm has not been seen yet. lapin hands
+    /// a return to whichever confirm it resolves next, not to the message's own, so
+    /// returns are matched to events by message id and routing key instead.
+    returned: HashMap<ReturnKey, BasicReturnMessage>,
     /// The current connection's status, for the probe.
     status: Arc<Mutex<Option<ConnectionStatus>>>,
 }
@@ -198,6 +222,8 @@ impl RabbitSink {
             settings,
             link: None,
             in_flight: FuturesUnordered::new(),
+            decided: VecDeque::new(),
+            returned: HashMap::new(),
             status: Arc::default(),
         }
     }
@@ -298,12 +324,13 @@ impl Sink for RabbitSink {
             Err(refusal) => return Ok(Submitted::Refused(refusal)),
         };
         let channel = self.channel().await?;
-        let exchange = exchange_name(&self.settings.exchange)?;
+        let exchange = self.settings.exchange.clone();
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
         };
         let payload = event.payload.as_deref().unwrap_or_default();
+        let routing_key_copy = routing_key.clone();
         let confirm = match channel
             .basic_publish(exchange, routing_key, options, payload, properties)
             .await
@@ -317,16 +344,24 @@ impl Sink for RabbitSink {
                 ));
             }
         };
-        let exchange = self.settings.exchange.clone();
-        self.in_flight.push(Box::pin(async move {
-            let result = outcome(confirm.await, &exchange);
-            Acked { tag, result }
-        }));
+        self.in_flight
+            .push(Box::pin(async move { (tag, routing_key_copy, confirm.await) }));
         Ok(Submitted::Queued)
     }
 
     async fn next_ack(&mut self) -> Option<Acked> {
-        let acked = self.in_flight.next().await?;
+        if self.decided.is_empty() {
+            let first = self.in_flight.next().await?;
+            // Every confirm resolved with this one (one broker acknowledgement may cover
+            // many): a message's return rides on whichever of them lapin resolved first,
+            // always no later than the message's own confirm.
+            let mut batch = vec![first];
+            while let Some(Some(more)) = self.in_flight.next().now_or_never() {
+                batch.push(more);
+            }
+            self.decide(batch);
+        }
+        let acked = self.decided.pop_front()?;
         if acked
             .result
             .as_ref()
@@ -338,39 +373,86 @@ impl Sink for RabbitSink {
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight.len()
+        self.in_flight.len() + self.decided.len()
     }
 }
 
-/// What a publisher confirm means for the event.
-fn outcome(confirm: lapin::Result<Confirmation>, exchange: &str) -> Result<(), Failure> {
-    let transient = |reason: String| Failure {
+impl RabbitSink {
+    /// Turns resolved confirms into outcomes: their returns are pooled first, then each
+    /// acknowledged message whose return is in the pool is poison.
+    fn decide(&mut self, batch: Vec<(Tag, ShortString, lapin::Result<Confirmation>)>) {
+        let mut confirms = Vec::with_capacity(batch.len());
+        for (tag, routing_key, confirm) in batch {
+            let confirm = confirm.map(|confirmation| match confirmation {
+                Confirmation::Ack(message) => {
+                    self.pool(message);
+                    true
+                }
+                Confirmation::Nack(message) => {
+                    self.pool(message);
+                    false
+                }
+                Confirmation::NotRequested => false,
+            });
+            confirms.push((tag, routing_key, confirm));
+        }
+        for (tag, routing_key, confirm) in confirms {
+            let key = (tag.id.clone(), routing_key.as_str().to_owned());
+            let result = match confirm {
+                Ok(true) => match self.returned.remove(&key) {
+                    None => Ok(()),
+                    Some(message) => Err(unroutable(&message)),
+                },
+                Ok(false) => Err(transient("RabbitMQ could not take the message (basic.nack)".into())),
+                Err(error) => Err(transient(format!("no publisher confirm: {error}"))),
+            };
+            self.decided.push_back(Acked { tag, result });
+        }
+        if self.in_flight.is_empty() {
+            // Nothing left for a stray return to belong to (a message of an earlier channel).
+            self.returned.clear();
+        }
+    }
+
+    fn pool(&mut self, message: Option<BasicReturnMessage>) {
+        if let Some(message) = message {
+            let id = message
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_owned())
+                .unwrap_or_default();
+            let key = (id, message.delivery.routing_key.as_str().to_owned());
+            self.returned.insert(key, message);
+        }
+    }
+}
+
+fn transient(reason: String) -> Failure {
+    Failure {
         refusal: Refusal {
             class: ErrorClass::Transient,
             reason,
             too_large: false,
         },
         returned: None,
-    };
-    match confirm {
-        Ok(Confirmation::Ack(None)) => Ok(()),
-        Ok(Confirmation::Ack(Some(message))) => {
-            let reason = format!(
-                "unroutable: no queue is bound to routing key {} on exchange {exchange} ({} {})",
-                message.delivery.routing_key, message.reply_code, message.reply_text
-            );
-            Err(Failure {
-                refusal: Refusal {
-                    class: ErrorClass::Poison,
-                    reason,
-                    too_large: false,
-                },
-                returned: Some(Box::new(returned(&message.delivery))),
-            })
-        }
-        Ok(Confirmation::Nack(_)) => Err(transient("RabbitMQ could not take the message (basic.nack)".into())),
-        Ok(Confirmation::NotRequested) => Err(transient("the channel is not in confirm mode".into())),
-        Err(error) => Err(transient(format!("no publisher confirm: {error}"))),
+    }
+}
+
+/// An event no queue is bound for: poison, with the message as the broker returned it.
+fn unroutable(message: &BasicReturnMessage) -> Failure {
+    let reason = format!(
+        "unroutable: no queue is bound to routing key {} on exchange {} ({} {})",
+        message.delivery.routing_key, message.delivery.exchange, message.reply_code, message.reply_text
+    );
+    Failure {
+        refusal: Refusal {
+            class: ErrorClass::Poison,
+            reason,
+            too_large: false,
+        },
+        returned: Some(Box::new(returned(&message.delivery))),
     }
 }
 
@@ -436,8 +518,12 @@ impl Probe {
 /// Returns what was done, one line each.
 pub async fn declare(settings: &AmqpSettings, dead_letter_key: &str) -> Result<Vec<String>, SinkError> {
     let (connection, channel) = open(settings).await?;
-    let exchange = exchange_name(&settings.exchange)?;
-    let queue = exchange_name(dead_letter_key)?;
+    let exchange = settings.exchange.clone();
+    let queue = ShortString::try_new(dead_letter_key).map_err(|e| SinkError {
+        context: format!("dead-letter queue {dead_letter_key:?}"),
+        class: ErrorClass::Fatal,
+        source: Box::new(e),
+    })?;
     let declared = async {
         channel
             .exchange_declare(
@@ -487,18 +573,8 @@ pub async fn declare(settings: &AmqpSettings, dead_letter_key: &str) -> Result<V
 
 /// `check`'s view: reachable, the exchange exists, dead letters have a queue.
 pub async fn check(settings: &AmqpSettings, dead_letter_key: &str) -> Vec<Item> {
-    let reachable = || Item::pass(format!("RabbitMQ reachable at {}", settings.url));
-    let link = match connect(settings).await {
-        Ok(link) => link,
-        Err(error) if error.context.starts_with("exchange") => {
-            return vec![
-                reachable(),
-                Item::fail(
-                    format!("exchange {} cannot be used: {}", settings.exchange, crate::error::chain(&error)),
-                    "run `outbox-relay setup --sink rabbitmq` (declares it), or declare a durable topic exchange of that name; the user needs configure, write and read rights on the vhost",
-                ),
-            ];
-        }
+    let (connection, channel) = match open(settings).await {
+        Ok(opened) => opened,
         Err(error) => {
             return vec![Item::fail(
                 format!("RabbitMQ at {} did not answer: {}", settings.url, crate::error::chain(&error)),
@@ -506,24 +582,35 @@ pub async fn check(settings: &AmqpSettings, dead_letter_key: &str) -> Vec<Item> 
             )];
         }
     };
-    let mut items = vec![
-        reachable(),
-        Item::pass(format!("exchange {} exists", settings.exchange)),
-    ];
-    let queue = ShortString::try_new(dead_letter_key).unwrap_or_default();
-    let found = link
-        .channel
-        .queue_declare(
-            queue,
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
+    let mut items = vec![Item::pass(format!("RabbitMQ reachable at {}", settings.url))];
+    match exchange_exists(settings, &channel).await {
+        Ok(()) => items.push(Item::pass(format!("exchange {} exists", settings.exchange))),
+        Err(error) => {
+            items.push(Item::fail(
+                format!("exchange {} cannot be used: {}", settings.exchange, crate::error::chain(&error)),
+                "run `outbox-relay setup --sink rabbitmq` (declares it), or declare a durable topic exchange of that name; the user needs configure, write and read rights on the vhost",
+            ));
+            let _ = connection.close(200, "check done".into()).await;
+            return items;
+        }
+    }
+    let found = match ShortString::try_new(dead_letter_key) {
+        Ok(queue) => channel
+            .queue_declare(
+                queue,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
     items.push(match found {
-        Ok(_) => Item::pass(format!("dead-letter queue {dead_letter_key} exists")),
+        Ok(()) => Item::pass(format!("dead-letter queue {dead_letter_key} exists")),
         Err(error) => Item::fail(
             format!("no queue {dead_letter_key} for dead letters: {error}"),
             format!(
@@ -532,13 +619,22 @@ pub async fn check(settings: &AmqpSettings, dead_letter_key: &str) -> Vec<Item> 
             ),
         ),
     });
-    let _ = link.connection.close(200, "check done".into()).await;
+    let _ = connection.close(200, "check done".into()).await;
     items
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_longer_than_amqp_allows_are_configuration_errors_not_panics() {
+        let long = "x".repeat(256);
+        let error = AmqpSettings::new(&format!("amqp://u:p@h:5672/{long}"), "outbox").err();
+        assert!(error.is_some_and(|e| e.contains("vhost")));
+        let error = AmqpSettings::new("amqp://u:p@h:5672/%2f", &long).err();
+        assert!(error.is_some_and(|e| e.starts_with("--amqp-exchange")));
+    }
 
     #[test]
     fn the_url_is_shown_without_its_password() {

@@ -90,6 +90,18 @@ async fn write(url: String, writer: u64, target: usize) -> Written {
     written
 }
 
+/// A record's source position from its headers (`outbox.commit_lsn`, `outbox.tx_index`),
+/// whatever the broker: `header` reads one header's text.
+pub fn source_position(header: impl Fn(&str) -> Option<String>) -> (outbox_relay::lsn::Lsn, u32) {
+    let lsn = header("outbox.commit_lsn")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_default();
+    let index = header("outbox.tx_index")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_default();
+    (lsn, index)
+}
+
 /// Checks that, per key, records sit in one partition and their source positions (and
 /// the writers' own sequence numbers) increase with the offset.
 pub fn assert_commit_order_per_key(records: &[Record]) {
@@ -101,20 +113,8 @@ pub fn assert_commit_order_per_key(records: &[Record]) {
         let partitions: HashSet<(String, i32)> = list.iter().map(|r| (r.topic.clone(), r.partition)).collect();
         assert_eq!(partitions.len(), 1, "key {key} spread over {partitions:?}");
         list.sort_by_key(|r| r.offset);
-        let positions: Vec<(outbox_relay::lsn::Lsn, u32)> = list
-            .iter()
-            .map(|r| {
-                let lsn = r
-                    .header("outbox.commit_lsn")
-                    .and_then(|t| t.parse().ok())
-                    .unwrap_or_default();
-                let index = r
-                    .header("outbox.tx_index")
-                    .and_then(|t| t.parse().ok())
-                    .unwrap_or_default();
-                (lsn, index)
-            })
-            .collect();
+        let positions: Vec<(outbox_relay::lsn::Lsn, u32)> =
+            list.iter().map(|r| source_position(|name| r.header(name))).collect();
         assert!(
             positions.windows(2).all(|w| w[0] < w[1]),
             "key {key}: source positions out of commit order: {positions:?}"
