@@ -121,11 +121,10 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("OUTBOX_RELAY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // lapin logs a returned (unroutable) message whole, payload and headers included: the
     // relay says what it needs about it (dead-lettering, with the reason) without the data.
-    let filter = filter.add_directive(
-        "lapin::returned_messages=error"
-            .parse()
-            .unwrap_or_else(|_| tracing_subscriber::filter::Directive::from(tracing::Level::ERROR)),
-    );
+    let filter = match "lapin::returned_messages=error".parse() {
+        Ok(quiet) => filter.add_directive(quiet),
+        Err(_) => filter,
+    };
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -60,10 +60,6 @@ impl Publisher {
         }
     }
 
-    pub fn sink(&self) -> &AnySink {
-        &self.sink
-    }
-
     /// Records handed to the broker and not yet settled.
     pub fn in_flight(&self) -> usize {
         self.sink.in_flight()

@@ -94,10 +94,6 @@ pub async fn backfill(events: u64, admin_url: &str, bootstrap: &str) -> Row {
         "backfill: {events} rows in {secs:.2} s ({publish_secs:.2} s publishing), {rss:.0} MiB peak\n{}",
         report.trim_end()
     );
-    client
-        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-        .await
-        .expect("drop slot");
     drop(client);
     rig::drop_database(admin_url, &database).await;
     Row {

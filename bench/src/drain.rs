@@ -321,13 +321,6 @@ pub async fn drain(
     assert_eq!(polled, events, "the poller published every row");
     println!("{}: poller {poller_secs:.2} s", scenario.name);
 
-    twins.push(&relay_slot);
-    for slot in twins {
-        client
-            .execute("SELECT pg_drop_replication_slot($1)", &[slot])
-            .await
-            .expect("drop slot");
-    }
     drop(client);
     rig::drop_database(admin_url, &database).await;
     Row {

@@ -14,6 +14,13 @@ use tokio_postgres::Client;
 /// Rows per poll: the batch of the reference poller measured in issue 6.
 pub const BATCH: i64 = 500;
 
+/// One poll: the oldest unlocked batch, locked until the transaction ends.
+pub const POLL: &str = "SELECT id::text AS event_id, aggregate_type, aggregate_id, event_type, payload::text
+   FROM outbox ORDER BY created_at, id LIMIT $1 FOR UPDATE SKIP LOCKED";
+
+/// Deletes the published batch.
+pub const DELETE: &str = "DELETE FROM outbox WHERE id = ANY($1::text[]::uuid[])";
+
 /// Creates the index a polling relay needs; run before the backlog is written.
 pub async fn prepare(client: &Client) {
     client
@@ -74,14 +81,7 @@ pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(
 /// One batch: select, publish, wait for the acknowledgements, delete, commit.
 async fn poll_once(client: &mut Client, producer: &FutureProducer, topic_prefix: &str) -> usize {
     let transaction = client.transaction().await.expect("begin");
-    let rows = transaction
-        .query(
-            "SELECT id::text AS event_id, aggregate_type, aggregate_id, event_type, payload::text
-               FROM outbox ORDER BY created_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
-            &[&BATCH],
-        )
-        .await
-        .expect("poll");
+    let rows = transaction.query(POLL, &[&BATCH]).await.expect("poll");
     if rows.is_empty() {
         return 0;
     }
@@ -113,10 +113,7 @@ async fn poll_once(client: &mut Client, producer: &FutureProducer, topic_prefix:
             .map_err(|(e, _)| e)
             .expect("acknowledged");
     }
-    transaction
-        .execute("DELETE FROM outbox WHERE id = ANY($1::text[]::uuid[])", &[&ids])
-        .await
-        .expect("delete");
+    transaction.execute(DELETE, &[&ids]).await.expect("delete");
     transaction.commit().await.expect("commit");
     rows.len()
 }

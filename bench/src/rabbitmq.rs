@@ -163,10 +163,6 @@ pub async fn drain(events: u64, admin_url: &str, amqp_url: &str, beam: Option<u3
         .queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default())
         .await;
     let _ = connection.close(200, "done".into()).await;
-    client
-        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-        .await
-        .expect("drop slot");
     drop(client);
     rig::drop_database(admin_url, &database).await;
     Row {
@@ -242,14 +238,7 @@ async fn publish(
 /// One batch: select, publish (persistent, mandatory), await every confirm, delete, commit.
 async fn poll_once(client: &mut Client, channel: &Channel, exchange: &str, prefix: &str) -> usize {
     let transaction = client.transaction().await.expect("begin");
-    let rows = transaction
-        .query(
-            "SELECT id::text AS event_id, aggregate_type, aggregate_id, event_type, payload::text
-               FROM outbox ORDER BY created_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
-            &[&poller::BATCH],
-        )
-        .await
-        .expect("poll");
+    let rows = transaction.query(poller::POLL, &[&poller::BATCH]).await.expect("poll");
     if rows.is_empty() {
         return 0;
     }
@@ -280,10 +269,7 @@ async fn poll_once(client: &mut Client, channel: &Channel, exchange: &str, prefi
             "routed and confirmed"
         );
     }
-    transaction
-        .execute("DELETE FROM outbox WHERE id = ANY($1::text[]::uuid[])", &[&ids])
-        .await
-        .expect("delete");
+    transaction.execute(poller::DELETE, &[&ids]).await.expect("delete");
     transaction.commit().await.expect("commit");
     rows.len()
 }

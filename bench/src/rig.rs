@@ -38,12 +38,18 @@ fn with_database(url: &str, name: &str) -> String {
     }
 }
 
-/// Drops a database made by [`fresh_database`], whoever is still connected.
+/// Drops a database made by [`fresh_database`] and its replication slots (which would
+/// keep it), whoever is still connected.
 pub async fn drop_database(admin_url: &str, name: &str) {
-    let _ = connect(admin_url)
+    let admin = connect(admin_url).await;
+    admin
+        .execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1",
+            &[&name],
+        )
         .await
-        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
-        .await;
+        .expect("drop the database's slots");
+    let _ = admin.batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)")).await;
 }
 
 /// `outbox-relay setup --apply-sql`: the outbox table, the publication and `slot`.

@@ -39,14 +39,6 @@ impl SinkKind {
             SinkKind::Rabbitmq => "rabbitmq",
         }
     }
-
-    /// What the broker calls the destination named by the topic template.
-    pub fn destination_word(self) -> &'static str {
-        match self {
-            SinkKind::Kafka => "topic",
-            SinkKind::Rabbitmq => "routing key",
-        }
-    }
 }
 
 /// The broker settings of the chosen sink, validated.

@@ -756,6 +756,9 @@ pub struct RabbitMq {
     epmd_port: u16,
     dir: PathBuf,
     owner: Option<(u32, u32)>,
+    /// The node's own epmd, leader of the process group the node runs in: an epmd the
+    /// VM started itself would daemonize and outlive every kill.
+    epmd: Option<Child>,
     child: Option<Child>,
 }
 
@@ -773,6 +776,7 @@ impl RabbitMq {
             epmd_port: free_port()?,
             dir,
             owner,
+            epmd: None,
             child: None,
         };
         node.launch()?;
@@ -800,7 +804,8 @@ impl RabbitMq {
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
-            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"));
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", "-start_epmd false");
         if let Some((uid, gid)) = self.owner {
             use std::os::unix::process::CommandExt;
             command.uid(uid).gid(gid);
@@ -813,18 +818,28 @@ impl RabbitMq {
             .create(true)
             .append(true)
             .open(self.dir.join("server.log"))?;
-        let mut command = self.command("rabbitmq-server")?;
-        {
-            use std::os::unix::process::CommandExt;
-            command.process_group(0);
-        }
-        let child = command
+        use std::os::unix::process::CommandExt;
+        let epmd = Command::new("epmd")
+            .args(["-port", &self.epmd_port.to_string()])
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log.try_clone()?)
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start epmd (Erlang): {e}")))?;
+        let group = epmd.id();
+        register(Cleanup::Group { pgid: group });
+        self.epmd = Some(epmd);
+        let epmd_port = self.epmd_port;
+        wait_until(Duration::from_secs(10), "epmd to listen", || port_open(epmd_port))?;
+        let child = self
+            .command("rabbitmq-server")?
+            .process_group(group as i32)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start rabbitmq-server: {e}")))?;
-        register(Cleanup::Group { pgid: child.id() });
         self.child = Some(child);
         let port = self.port;
         wait_until(Duration::from_secs(90), "RabbitMQ to listen", || port_open(port)).map_err(|e| {
@@ -844,20 +859,18 @@ impl RabbitMq {
         })
     }
 
-    /// Stops the node (its whole process group) and waits for it to be gone.
+    /// Stops the node and its epmd (their whole process group) and waits for them to be
+    /// gone.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
+        if let Some(mut epmd) = self.epmd.take() {
             unsafe {
-                libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
+                libc::kill(-(epmd.id() as libc::pid_t), libc::SIGKILL);
             }
-            let _ = child.wait();
-            unregister_pid(child.id());
-            // The node started an epmd of its own on its port; it holds no data.
-            let _ = Command::new("epmd")
-                .args(["-port", &self.epmd_port.to_string(), "-kill"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            let _ = epmd.wait();
+            if let Some(mut child) = self.child.take() {
+                let _ = child.wait();
+            }
+            unregister_pid(epmd.id());
             let port = self.port;
             let _ = wait_until(Duration::from_secs(10), "RabbitMQ to stop listening", || {
                 !port_open(port)
