@@ -22,6 +22,19 @@ pub fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// `N` distinct free ports: each is held until all are found, so that the kernel cannot
+/// hand out one of them twice (as [`free_port`] called `N` times may).
+pub fn free_ports<const N: usize>() -> io::Result<[u16; N]> {
+    let mut listeners = Vec::with_capacity(N);
+    let mut ports = [0; N];
+    for port in &mut ports {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        *port = listener.local_addr()?.port();
+        listeners.push(listener);
+    }
+    Ok(ports)
+}
+
 /// Waits until `condition` holds, checking every 20 ms, or fails after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) -> io::Result<()> {
     let deadline = Instant::now() + timeout;
@@ -770,10 +783,12 @@ impl RabbitMq {
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
         }
+        // Distinct: an epmd on the AMQP port would pass for the broker listening.
+        let [port, dist_port, epmd_port] = free_ports()?;
         let mut node = RabbitMq {
-            port: free_port()?,
-            dist_port: free_port()?,
-            epmd_port: free_port()?,
+            port,
+            dist_port,
+            epmd_port,
             dir,
             owner,
             epmd: None,
